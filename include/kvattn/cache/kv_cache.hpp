@@ -1,0 +1,373 @@
+// The KV cache: blocks of K/V from a std::pmr::memory_resource, laid out by a policy, with exact
+// byte accounting. Only producer layers own a slot; consumer layers read their producer's slot.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <memory_resource>
+#include <new>
+#include <span>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "kvattn/cache/kv_view.hpp"
+#include "kvattn/cache/layout.hpp"
+#include "kvattn/config/model_config.hpp"
+
+namespace kvattn {
+
+using seq_id = std::int64_t;
+
+/// Alignment of every block the cache requests from its memory resource.
+inline constexpr std::size_t block_alignment = 64;
+
+/// KV cache for one model.
+///
+/// Memory: K/V live in blocks of `layout.block_tokens()` tokens; a block holds those tokens for every
+/// producer slot (K and V, all KV heads), and each sequence has one block table shared by all slots.
+/// Blocks come from `resource` (default: new/delete, 64-byte aligned); bookkeeping uses the default heap.
+///
+/// Errors: every mutating call validates first and either completes or throws leaving the cache
+/// exactly as it was (strong guarantee).
+///
+/// Concurrency: const calls (length, views, attention over the cache) may run concurrently with each
+/// other. Mutating calls (add/remove/fork/truncate/extend/write/append/release) need exclusive access.
+/// Views returned by sequence_view() stay valid until the next mutating call.
+template <KvLayoutPolicy Layout = PagedLayout>
+class KvCache {
+ public:
+  using layout_type = Layout;
+
+  explicit KvCache(ModelConfig config, Layout layout = {},
+                   std::pmr::memory_resource* resource = std::pmr::new_delete_resource())
+      : config_(std::move(config)), layout_(layout), resource_(resource) {
+    detail::validate_layout(layout_);
+    if (resource_ == nullptr) detail::fail<config_error>("KV cache: memory resource is null");
+    block_bytes_ = checked_mul(layout_.block_tokens(), config_.kv_bytes_per_token(), "KV block bytes");
+    // Capacity in tokens must also fit in 64 bits.
+    if (layout_.max_blocks_per_sequence() != unlimited)
+      (void)checked_mul(layout_.max_blocks_per_sequence(), layout_.block_tokens(), "sequence capacity");
+  }
+
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  ~KvCache() {
+    for (auto& [block, refs] : refcount_) resource_->deallocate(block, static_cast<std::size_t>(block_bytes_), block_alignment);
+    for (std::byte* block : free_) resource_->deallocate(block, static_cast<std::size_t>(block_bytes_), block_alignment);
+  }
+
+  const ModelConfig& config() const { return config_; }
+  const Layout& layout() const { return layout_; }
+  std::pmr::memory_resource* resource() const { return resource_; }
+
+  // ---- sequence lifecycle -------------------------------------------------------------------
+
+  /// Adds an empty sequence (reserving the layout's up-front blocks).
+  void add_sequence(seq_id id) {
+    if (seqs_.contains(id)) detail::fail<sequence_error>("sequence ", id, " already exists");
+    const std::int64_t n = layout_.blocks_on_add();
+    std::vector<std::byte*> blocks = acquire_blocks(n, id);
+    try {
+      seqs_.try_emplace(id).first->second.blocks = std::move(blocks);
+    } catch (...) {
+      for (std::byte* b : blocks) release_block(b);
+      throw;
+    }
+  }
+
+  /// Removes a sequence; its blocks return to the free list (or the resource).
+  void remove_sequence(seq_id id) {
+    auto it = find(id);
+    for (std::byte* b : it->second.blocks) release_block(b);
+    live_tokens_ -= it->second.length;
+    seqs_.erase(it);
+  }
+
+  /// New sequence `dst` with the same tokens as `src`, sharing its blocks (copy on write).
+  void fork_sequence(seq_id src, seq_id dst) {
+    const Sequence& s = find(src)->second;
+    if (seqs_.contains(dst)) detail::fail<sequence_error>("fork: sequence ", dst, " already exists");
+    Sequence copy = s;  // may throw: nothing changed yet
+    seqs_.emplace(dst, std::move(copy));
+    for (std::byte* b : s.blocks) ++refcount_.find(b)->second;
+    live_tokens_ += s.length;
+  }
+
+  /// Shortens a sequence to new_length tokens, releasing blocks no longer needed.
+  void truncate(seq_id id, std::int64_t new_length) {
+    Sequence& s = find(id)->second;
+    if (new_length < 0 || new_length > s.length)
+      detail::fail<shape_error>("truncate sequence ", id, " to ", new_length, ": must be in [0, ", s.length, "]");
+    const std::int64_t keep = std::max(layout_.blocks_on_add(), ceil_div(new_length, layout_.block_tokens()));
+    while (static_cast<std::int64_t>(s.blocks.size()) > keep) {
+      release_block(s.blocks.back());
+      s.blocks.pop_back();
+    }
+    live_tokens_ -= s.length - new_length;
+    s.length = new_length;
+  }
+
+  /// Grows a sequence by n tokens whose K/V the producer layers then write(). Contents of the new
+  /// rows are unspecified until written.
+  void extend(seq_id id, std::int64_t n) { extend(std::span<const seq_id>(&id, 1), std::span<const std::int64_t>(&n, 1)); }
+
+  /// Grows every ids[i] by counts[i] tokens: all or nothing.
+  void extend(std::span<const seq_id> ids, std::span<const std::int64_t> counts) {
+    if (ids.size() != counts.size())
+      detail::fail<shape_error>("extend: ", ids.size(), " sequence ids but ", counts.size(), " token counts");
+    struct Plan {
+      Sequence* seq;
+      std::int64_t new_length;
+      std::int64_t first_cow, last_cow;  // block range to copy before writing [first, last)
+      std::int64_t new_blocks;
+    };
+    std::vector<Plan> plans;
+    plans.reserve(ids.size());
+    std::unordered_set<seq_id> seen;
+    std::int64_t needed = 0;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      Sequence& s = find(ids[i])->second;
+      if (!seen.insert(ids[i]).second) detail::fail<shape_error>("extend: sequence ", ids[i], " listed twice");
+      if (counts[i] < 0) detail::fail<shape_error>("extend sequence ", ids[i], " by ", counts[i], " tokens: must be >= 0");
+      const std::int64_t new_length = checked_add(s.length, counts[i], "sequence length");
+      const std::int64_t cap = capacity_tokens();
+      if (new_length > cap)
+        detail::fail<capacity_error>("sequence ", ids[i], " of length ", s.length, " cannot grow by ", counts[i],
+                                     " tokens: capacity is ", cap, " tokens");
+      const std::int64_t have = static_cast<std::int64_t>(s.blocks.size());
+      const std::int64_t want = ceil_div(new_length, layout_.block_tokens());
+      Plan p{&s, new_length, 0, 0, std::max<std::int64_t>(0, want - have)};
+      if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
+        p.first_cow = s.length / layout_.block_tokens();
+        p.last_cow = std::min(have, want);
+        while (p.first_cow < p.last_cow && !is_shared(s.blocks[static_cast<std::size_t>(p.first_cow)])) ++p.first_cow;
+        for (std::int64_t b = p.first_cow; b < p.last_cow; ++b)
+          if (is_shared(s.blocks[static_cast<std::size_t>(b)])) ++needed;
+      }
+      needed += p.new_blocks;
+      plans.push_back(p);
+    }
+    std::vector<std::byte*> fresh = acquire_blocks(needed, ids.size() == 1 ? ids[0] : -1);
+    try {
+      for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
+    } catch (...) {
+      for (std::byte* b : fresh) release_block(b);
+      throw;
+    }
+    // Commit: nothing below throws.
+    std::size_t next = 0;
+    for (const Plan& p : plans) {
+      for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
+        std::byte*& slot = p.seq->blocks[static_cast<std::size_t>(b)];
+        if (!is_shared(slot)) continue;
+        std::byte* copy = fresh[next++];
+        std::memcpy(copy, slot, static_cast<std::size_t>(block_bytes_));
+        --refcount_.find(slot)->second;
+        slot = copy;
+      }
+      for (std::int64_t b = 0; b < p.new_blocks; ++b) p.seq->blocks.push_back(fresh[next++]);
+      live_tokens_ += p.new_length - p.seq->length;
+      p.seq->length = p.new_length;
+    }
+  }
+
+  /// Writes K/V rows for tokens [pos, pos + n) of a producer layer, converting f32 to the storage
+  /// type (round to nearest even). k and v are [n][Hkv][d] with `token_stride` floats between tokens
+  /// (0 means Hkv x d). The positions must exist (extend first).
+  void write(seq_id id, int layer, std::int64_t pos, std::int64_t n, const float* k, const float* v,
+             std::int64_t token_stride = 0) {
+    const int slot = producer_slot(layer);
+    const Sequence& s = find(id)->second;
+    const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
+    if (token_stride == 0) token_stride = row;
+    if (token_stride < row) detail::fail<shape_error>("write: token stride ", token_stride, " is less than Hkv x d = ", row);
+    if (n < 0 || pos < 0 || pos > s.length - n)
+      detail::fail<shape_error>("write tokens [", pos, ", ", pos + n, ") of sequence ", id, " of length ", s.length);
+    if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>("write: null K or V pointer");
+    for (std::int64_t b = pos / layout_.block_tokens(); n > 0 && b <= (pos + n - 1) / layout_.block_tokens(); ++b)
+      if (is_shared(s.blocks[static_cast<std::size_t>(b)]))
+        detail::fail<sequence_error>("write: tokens of sequence ", id, " at block ", b,
+                                     " are shared with a forked sequence; only new tokens may be written");
+    const KvSlotView sv = slot_view_of(slot);
+    const KvSequenceView qv = sequence_view(id);
+    visit_dtype(config_.dtype(), [&](auto tag) {
+      using S = storage<decltype(tag)::value>;
+      using T = typename S::type;
+      const int hkv = sv.kv_heads, d = sv.head_dim;
+      for (std::int64_t t = 0; t < n; ++t)
+        for (int h = 0; h < hkv; ++h) {
+          T* kd = reinterpret_cast<T*>(const_cast<std::byte*>(k_row(sv, qv, h, pos + t)));
+          T* vd = reinterpret_cast<T*>(const_cast<std::byte*>(v_row(sv, qv, h, pos + t)));
+          const float* ks = k + t * token_stride + std::int64_t{h} * d;
+          const float* vs = v + t * token_stride + std::int64_t{h} * d;
+          for (int i = 0; i < d; ++i) {
+            kd[i] = S::store(ks[i]);
+            vd[i] = S::store(vs[i]);
+          }
+        }
+    });
+  }
+
+  /// Appends n tokens to a sequence for every producer slot at once: k and v are
+  /// [n_kv_layers][n][Hkv][d], contiguous. All or nothing.
+  void append(seq_id id, std::int64_t n, const float* k, const float* v) {
+    const Sequence& s = find(id)->second;
+    if (n < 0) detail::fail<shape_error>("append ", n, " tokens to sequence ", id, ": must be >= 0");
+    if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>("append: null K or V pointer");
+    const std::int64_t pos = s.length;
+    extend(id, n);
+    const std::int64_t slot_floats = checked_product("append size", n, config_.heads().kv_heads(), config_.heads().head_dim());
+    for (int slot = 0; slot < config_.n_kv_layers(); ++slot)
+      write(id, config_.layers().producer_of_slot(slot), pos, n, k + slot * slot_floats, v + slot * slot_floats);
+  }
+
+  /// Reads back token pos of a layer's K/V as f32, [Hkv][d] each (for tests and debugging).
+  void read(seq_id id, int layer, std::int64_t pos, float* k_out, float* v_out) const {
+    const KvSequenceView qv = sequence_view(id);
+    if (pos < 0 || pos >= qv.length) detail::fail<shape_error>("read token ", pos, " of sequence ", id, " of length ", qv.length);
+    const KvSlotView sv = slot_view(layer);
+    visit_dtype(config_.dtype(), [&](auto tag) {
+      using S = storage<decltype(tag)::value>;
+      using T = typename S::type;
+      for (int h = 0; h < sv.kv_heads; ++h)
+        for (int i = 0; i < sv.head_dim; ++i) {
+          k_out[h * sv.head_dim + i] = S::load(reinterpret_cast<const T*>(k_row(sv, qv, h, pos))[i]);
+          v_out[h * sv.head_dim + i] = S::load(reinterpret_cast<const T*>(v_row(sv, qv, h, pos))[i]);
+        }
+    });
+  }
+
+  // ---- queries ------------------------------------------------------------------------------
+
+  bool contains(seq_id id) const { return seqs_.contains(id); }
+  std::int64_t length(seq_id id) const { return find(id)->second.length; }
+  std::size_t num_sequences() const { return seqs_.size(); }
+  /// Tokens one sequence can hold.
+  std::int64_t capacity_tokens() const {
+    const std::int64_t m = layout_.max_blocks_per_sequence();
+    return m == unlimited ? unlimited : m * layout_.block_tokens();
+  }
+
+  // ---- byte accounting (exact) --------------------------------------------------------------
+
+  /// Cache bytes one token costs (= config().kv_bytes_per_token()).
+  std::int64_t bytes_per_token() const { return config_.kv_bytes_per_token(); }
+  /// Bytes of one block (block_tokens x bytes_per_token).
+  std::int64_t block_bytes() const { return block_bytes_; }
+  /// Bytes currently held from the memory resource: blocks in use plus the free list.
+  std::int64_t reserved_bytes() const { return (blocks_in_use() + free_blocks()) * block_bytes_; }
+  /// Bytes holding live tokens: the sum of sequence lengths x bytes_per_token (a forked prefix
+  /// counts once per sequence that reads it).
+  std::int64_t live_bytes() const { return live_tokens_ * bytes_per_token(); }
+  std::int64_t live_tokens() const { return live_tokens_; }
+  std::int64_t blocks_in_use() const { return static_cast<std::int64_t>(refcount_.size()); }
+  std::int64_t free_blocks() const { return static_cast<std::int64_t>(free_.size()); }
+  /// Returns the free list's blocks to the memory resource.
+  void release_free_blocks() {
+    for (std::byte* b : free_) resource_->deallocate(b, static_cast<std::size_t>(block_bytes_), block_alignment);
+    free_.clear();
+  }
+
+  // ---- views for kernels --------------------------------------------------------------------
+
+  /// Where layer `layer` finds its K/V inside a block (a consumer gets its producer's slot).
+  KvSlotView slot_view(int layer) const { return slot_view_of(config_.layers().slot_of(layer)); }
+  KvSequenceView sequence_view(seq_id id) const {
+    const Sequence& s = find(id)->second;
+    return {s.blocks.data(), s.length};
+  }
+
+ private:
+  struct Sequence {
+    std::vector<std::byte*> blocks;
+    std::int64_t length = 0;
+  };
+
+  typename std::unordered_map<seq_id, Sequence>::iterator find(seq_id id) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) detail::fail<sequence_error>("unknown sequence ", id);
+    return it;
+  }
+  typename std::unordered_map<seq_id, Sequence>::const_iterator find(seq_id id) const {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) detail::fail<sequence_error>("unknown sequence ", id);
+    return it;
+  }
+
+  int producer_slot(int layer) const {
+    const LayerSharingMap& m = config_.layers();
+    if (!m.is_producer(layer))
+      detail::fail<config_error>("layer ", layer, " reads the K/V of layer ", m.source_of(layer),
+                                 " and writes none of its own");
+    return m.slot_of(layer);
+  }
+
+  KvSlotView slot_view_of(int slot) const {
+    KvSlotView v;
+    v.dtype = config_.dtype();
+    v.kv_heads = config_.heads().kv_heads();
+    v.head_dim = config_.heads().head_dim();
+    v.block_tokens = layout_.block_tokens();
+    v.row_bytes = config_.row_bytes();
+    v.head_stride = v.block_tokens * v.row_bytes;
+    v.k_offset = std::int64_t{slot} * 2 * v.kv_heads * v.head_stride;
+    v.v_offset = v.k_offset + v.kv_heads * v.head_stride;
+    return v;
+  }
+
+  bool is_shared(std::byte* block) const { return refcount_.find(block)->second > 1; }
+
+  /// Takes n blocks (free list first, then the resource) with refcount 1, or throws pool_exhausted
+  /// leaving everything as it was.
+  std::vector<std::byte*> acquire_blocks(std::int64_t n, seq_id for_id) {
+    if (n == 0) return {};
+    const std::int64_t in_use = blocks_in_use();
+    if (layout_.max_blocks() != unlimited && n > layout_.max_blocks() - in_use)
+      detail::fail<pool_exhausted>("KV block pool exhausted: sequence ", for_id, " needs ", n, " more blocks, ",
+                                   in_use, " of ", layout_.max_blocks(), " are in use");
+    std::vector<std::byte*> out;
+    std::size_t from_free = 0, counted = 0;
+    try {
+      out.reserve(static_cast<std::size_t>(n));
+      while (static_cast<std::int64_t>(out.size()) < n && from_free < free_.size())
+        out.push_back(free_[free_.size() - 1 - from_free++]);
+      while (static_cast<std::int64_t>(out.size()) < n)
+        out.push_back(static_cast<std::byte*>(resource_->allocate(static_cast<std::size_t>(block_bytes_), block_alignment)));
+      // Room for every block to come back to the free list, so release_block never allocates.
+      free_.reserve(static_cast<std::size_t>(in_use + free_blocks()) + out.size() - from_free);
+      for (; counted < out.size(); ++counted) refcount_.emplace(out[counted], 1);
+    } catch (const std::bad_alloc&) {
+      for (std::size_t i = 0; i < counted; ++i) refcount_.erase(out[i]);
+      for (std::size_t i = from_free; i < out.size(); ++i)
+        resource_->deallocate(out[i], static_cast<std::size_t>(block_bytes_), block_alignment);
+      detail::fail<pool_exhausted>("KV memory resource could not supply ", n, " blocks of ", block_bytes_,
+                                   " bytes for sequence ", for_id);
+    }
+    free_.resize(free_.size() - from_free);
+    return out;
+  }
+
+  /// Drops one reference; the last one sends the block to the free list or the resource. Never throws.
+  void release_block(std::byte* block) noexcept {
+    auto it = refcount_.find(block);
+    if (--it->second > 0) return;
+    refcount_.erase(it);
+    if (layout_.keeps_free_blocks())
+      free_.push_back(block);  // capacity reserved in acquire_blocks
+    else
+      resource_->deallocate(block, static_cast<std::size_t>(block_bytes_), block_alignment);
+  }
+
+  ModelConfig config_;
+  Layout layout_;
+  std::pmr::memory_resource* resource_;
+  std::int64_t block_bytes_ = 0;
+  std::unordered_map<seq_id, Sequence> seqs_;
+  std::unordered_map<std::byte*, std::int32_t> refcount_;
+  std::vector<std::byte*> free_;
+  std::int64_t live_tokens_ = 0;
+};
+
+}  // namespace kvattn

@@ -1,0 +1,43 @@
+// Non-owning views of cached K/V: what kernels see. Contiguous and paged caches (and an engine's
+// own page tables) all reduce to these, so one kernel serves every layout.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvattn/config/dtype.hpp"
+
+namespace kvattn {
+
+/// Geometry of one cache slot (one producer layer's K/V) inside a block.
+/// A block holds, for every slot, K then V, each as [Hkv][block_tokens][d] elements, so the rows of
+/// one KV head are contiguous within a block (the "HND" layout: streaming-friendly for decode).
+struct KvSlotView {
+  kv_dtype dtype = kv_dtype::f32;
+  int kv_heads = 0;
+  int head_dim = 0;
+  std::int64_t block_tokens = 0;
+  std::int64_t row_bytes = 0;         ///< d x element size
+  std::int64_t head_stride = 0;       ///< bytes between KV heads in a block (block_tokens x row_bytes)
+  std::int64_t k_offset = 0;          ///< byte offset of this slot's K in a block
+  std::int64_t v_offset = 0;          ///< byte offset of this slot's V in a block
+
+  /// Byte offset of the K (or V) row of token t (block-local index) of KV head h.
+  std::int64_t row_offset(int h, std::int64_t t_in_block) const { return h * head_stride + t_in_block * row_bytes; }
+};
+
+/// One sequence's K/V: its block table and length. Blocks are shared by all slots.
+struct KvSequenceView {
+  std::byte* const* blocks = nullptr;
+  std::int64_t length = 0;
+};
+
+/// Pointer to the K row of token t, KV head h. No checks: views are validated at the API boundary.
+inline const std::byte* k_row(const KvSlotView& s, const KvSequenceView& q, int h, std::int64_t t) {
+  return q.blocks[t / s.block_tokens] + s.k_offset + s.row_offset(h, t % s.block_tokens);
+}
+inline const std::byte* v_row(const KvSlotView& s, const KvSequenceView& q, int h, std::int64_t t) {
+  return q.blocks[t / s.block_tokens] + s.v_offset + s.row_offset(h, t % s.block_tokens);
+}
+
+}  // namespace kvattn

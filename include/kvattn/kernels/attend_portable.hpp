@@ -1,0 +1,132 @@
+// Portable attention tile kernel: one KV head, a block of query rows (query tokens x the heads of
+// its GQA group), a range of keys. Each K and V row is loaded and converted once and applied to every
+// query row of the block: this is where GQA/MQA turn fewer bytes into less time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kvattn/cache/kv_view.hpp"
+#include "kvattn/config/dtype.hpp"
+#include "kvattn/config/head_layout.hpp"
+#include "kvattn/kernels/softmax_state.hpp"
+
+namespace kvattn::kernels {
+
+/// Keys per tile: one tile of converted K (and V) rows stays in L1 while all query rows use it.
+inline constexpr int key_tile = 32;
+
+/// One unit of work for a tile kernel. Row r = i x group + g is query token i, head g of the group.
+struct AttendTile {
+  const KvSlotView* slot;
+  KvSequenceView seq;
+  int kv_head;
+  int group;                 ///< query heads per KV head
+  int n_tokens;              ///< query tokens in this tile
+  const float* q;            ///< query token 0, first head of the group; heads of a group are d apart
+  std::int64_t q_stride;     ///< floats between query tokens
+  float scale;
+  std::int64_t key_begin, key_end;  ///< keys [key_begin, key_end) of the sequence
+  std::int64_t visible_end0;        ///< token i sees keys < visible_end0 + i x visible_step
+  std::int64_t visible_step;        ///< 1 for causal, 0 for full (cross) attention
+  SoftmaxState* states;             ///< n_tokens x group states
+  float* acc;                       ///< n_tokens x group x d unnormalized outputs
+};
+
+/// Scratch floats one tile kernel call needs: scaled queries, converted K/V tile, scores.
+inline std::int64_t tile_scratch_floats(int rows, int d) {
+  return std::int64_t{rows} * d + 2 * std::int64_t{key_tile} * d + std::int64_t{rows} * key_tile;
+}
+
+/// Computes the tile's states and accumulators from scratch (any previous content is overwritten).
+/// StaticGroup / StaticDim fix those values at compile time (`dynamic`: read from the tile).
+template <kv_dtype Dtype, int StaticGroup = dynamic, int StaticDim = dynamic>
+void attend_tile_portable(const AttendTile& t, float* scratch) {
+  using S = storage<Dtype>;
+  using T = typename S::type;
+  const int group = StaticGroup != dynamic ? StaticGroup : t.group;
+  const int d = StaticDim != dynamic ? StaticDim : t.slot->head_dim;
+  const int rows = t.n_tokens * group;
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+  float* qs = scratch;                                  // rows x d, pre-scaled queries
+  float* kt = qs + std::int64_t{rows} * d;               // key_tile x d
+  float* vt = kt + std::int64_t{key_tile} * d;           // key_tile x d
+  float* p = vt + std::int64_t{key_tile} * d;            // rows x key_tile
+
+  for (int i = 0; i < t.n_tokens; ++i)
+    for (int g = 0; g < group; ++g) {
+      const float* src = t.q + i * t.q_stride + std::int64_t{g} * d;
+      float* dst = qs + (std::int64_t{i} * group + g) * d;
+      for (int c = 0; c < d; ++c) dst[c] = src[c] * t.scale;
+    }
+  for (int r = 0; r < rows; ++r) {
+    t.states[r] = SoftmaxState{};
+    std::fill_n(t.acc + std::int64_t{r} * d, d, 0.f);
+  }
+
+  // Keys past what the last query token sees are skipped.
+  const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
+  const std::int64_t key_end = std::min(t.key_end, last_visible);
+  for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += key_tile) {
+    const int n = static_cast<int>(std::min<std::int64_t>(key_tile, key_end - k0));
+    for (int j = 0; j < n; ++j) {
+      const T* kr = reinterpret_cast<const T*>(k_row(*t.slot, t.seq, t.kv_head, k0 + j));
+      for (int c = 0; c < d; ++c) kt[j * d + c] = S::load(kr[c]);
+    }
+    bool any = false;
+    for (int r = 0; r < rows; ++r) {
+      const int i = r / group;
+      const std::int64_t visible = t.visible_end0 + i * t.visible_step;
+      const float* qr = qs + std::int64_t{r} * d;
+      float* pr = p + std::int64_t{r} * key_tile;
+      float tile_max = neg_inf;
+      for (int j = 0; j < n; ++j) {
+        float s = neg_inf;
+        if (k0 + j < visible) {
+          s = 0.f;
+          for (int c = 0; c < d; ++c) s += qr[c] * kt[j * d + c];
+        }
+        pr[j] = s;
+        tile_max = std::fmax(tile_max, s);
+      }
+      SoftmaxState& st = t.states[r];
+      if (tile_max == neg_inf) {  // every key of this tile is masked for this row
+        std::fill_n(pr, n, 0.f);
+        continue;
+      }
+      any = true;
+      const float m = std::fmax(st.max, tile_max);
+      const float alpha = std::exp(st.max - m);
+      float sum = 0.f;
+      for (int j = 0; j < n; ++j) {
+        pr[j] = std::exp(pr[j] - m);
+        sum += pr[j];
+      }
+      st.sum = st.sum * alpha + sum;
+      st.max = m;
+      if (alpha != 1.f) {
+        float* ar = t.acc + std::int64_t{r} * d;
+        for (int c = 0; c < d; ++c) ar[c] *= alpha;
+      }
+    }
+    if (!any) continue;
+    for (int j = 0; j < n; ++j) {
+      const T* vr = reinterpret_cast<const T*>(v_row(*t.slot, t.seq, t.kv_head, k0 + j));
+      for (int c = 0; c < d; ++c) vt[j * d + c] = S::load(vr[c]);
+    }
+    for (int r = 0; r < rows; ++r) {
+      const float* pr = p + std::int64_t{r} * key_tile;
+      float* ar = t.acc + std::int64_t{r} * d;
+      for (int j = 0; j < n; ++j) {
+        const float w = pr[j];
+        const float* vj = vt + j * d;
+        for (int c = 0; c < d; ++c) ar[c] += w * vj[c];
+      }
+    }
+  }
+}
+
+}  // namespace kvattn::kernels

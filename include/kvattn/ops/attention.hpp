@@ -1,0 +1,106 @@
+// Attention over a KV cache: decode, prefill/append and cross-attention. These are the API boundary:
+// every argument is validated here, then kernels run on views without further checks.
+#pragma once
+
+#include <cmath>
+#include <span>
+#include <vector>
+
+#include "kvattn/cache/kv_cache.hpp"
+#include "kvattn/kernels/attention.hpp"
+
+namespace kvattn {
+
+/// Options shared by the attention calls.
+struct AttentionOptions {
+  float scale = 0.f;             ///< logit scale; 0 means 1/sqrt(d)
+  int threads = 0;               ///< 0: the global default (set_num_threads), else this many
+  std::int64_t q_stride = 0;     ///< floats between query tokens; 0 means Hq x d (dense)
+  std::int64_t out_stride = 0;   ///< floats between output tokens; 0 means Hq x d (dense)
+};
+
+namespace detail {
+
+/// Picks the tile kernel for a dtype, with the head layout's compile-time values when it has them.
+template <class Heads>
+kernels::TileKernel select_tile_kernel(kv_dtype dtype) {
+  return visit_dtype(dtype, [](auto tag) -> kernels::TileKernel {
+    return &kernels::attend_tile_portable<decltype(tag)::value, Heads::static_group_size, Heads::static_head_dim>;
+  });
+}
+
+/// Validates a batch against the cache and runs it. counts[b] query tokens per sequence; with
+/// `causal` they are the sequence's last counts[b] tokens.
+template <class Heads, KvLayoutPolicy L>
+void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, std::span<const std::int64_t> counts,
+            const float* q, float* out, const AttentionOptions& opt, bool causal, const char* what) {
+  const Heads heads(cache.config().heads());  // throws if a static layout disagrees with the cache
+  const int hq = heads.q_heads(), d = heads.head_dim();
+  const KvSlotView slot = cache.slot_view(layer);  // throws on a bad layer
+  if (seqs.size() != counts.size())
+    fail<shape_error>(what, ": ", seqs.size(), " sequences but ", counts.size(), " token counts");
+  const std::int64_t row = std::int64_t{hq} * d;
+  const std::int64_t q_stride = opt.q_stride == 0 ? row : opt.q_stride;
+  const std::int64_t out_stride = opt.out_stride == 0 ? row : opt.out_stride;
+  if (q_stride < row || out_stride < row)
+    fail<shape_error>(what, ": token strides (q ", q_stride, ", out ", out_stride, ") must be >= Hq x d = ", row);
+  if (!(opt.scale >= 0.f) || !std::isfinite(opt.scale)) fail<shape_error>(what, ": scale must be finite and >= 0, got ", opt.scale);
+  std::vector<KvSequenceView> views;
+  std::vector<std::int64_t> offsets{0};
+  views.reserve(seqs.size());
+  offsets.reserve(seqs.size() + 1);
+  for (std::size_t b = 0; b < seqs.size(); ++b) {
+    const KvSequenceView v = cache.sequence_view(seqs[b]);  // throws on an unknown id
+    if (counts[b] < 0) fail<shape_error>(what, ": sequence ", seqs[b], " has ", counts[b], " query tokens");
+    if (causal && counts[b] > v.length)
+      fail<shape_error>(what, ": sequence ", seqs[b], " has ", counts[b], " query tokens but only ", v.length,
+                        " cached tokens; extend the cache and write the new K/V first");
+    views.push_back(v);
+    offsets.push_back(checked_add(offsets.back(), counts[b], "query tokens"));
+  }
+  if (offsets.back() > 0 && (q == nullptr || out == nullptr)) fail<shape_error>(what, ": null q or out");
+  kernels::AttentionProblem pb;
+  pb.slot = slot;
+  pb.q_heads = hq;
+  pb.seqs = views;
+  pb.q_offsets = offsets;
+  pb.q = q;
+  pb.q_stride = q_stride;
+  pb.out = out;
+  pb.out_stride = out_stride;
+  pb.scale = opt.scale == 0.f ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
+  pb.causal = causal;
+  const kernels::AttentionPlan plan = kernels::plan_attention(pb);
+  kernels::run_attention(pb, plan, select_tile_kernel<Heads>(cache.config().dtype()), resolve_threads(opt.threads));
+}
+
+}  // namespace detail
+
+/// Decode: one new query token per sequence against everything cached for it (including the new
+/// token's own K/V, which the producer layer wrote first). q and out are [B][Hq][d].
+/// Heads may be a static HeadLayout<Hq, Hkv, d> matching the cache, for specialized kernels.
+template <class Heads = HeadShape, KvLayoutPolicy L>
+void decode(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, const float* q, float* out,
+            const AttentionOptions& opt = {}) {
+  const std::vector<std::int64_t> ones(seqs.size(), 1);
+  detail::attend<Heads>(cache, layer, seqs, ones, q, out, opt, /*causal=*/true, "decode");
+}
+
+/// Prefill and append: the last counts[b] cached tokens of sequence b are new; each attends
+/// causally to the cached prefix and to the chunk up to itself. Prefill is the case of an empty
+/// prefix. q and out are [sum(counts)][Hq][d], sequences in order.
+template <class Heads = HeadShape, KvLayoutPolicy L>
+void prefill(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, std::span<const std::int64_t> counts,
+             const float* q, float* out, const AttentionOptions& opt = {}) {
+  detail::attend<Heads>(cache, layer, seqs, counts, q, out, opt, /*causal=*/true, "prefill");
+}
+
+/// Cross-attention: counts[b] query tokens of sequence b each see all of its cached tokens (e.g. an
+/// encoder's K/V held in a cache of its own). q and out are [sum(counts)][Hq][d].
+template <class Heads = HeadShape, KvLayoutPolicy L>
+void cross_attention(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs,
+                     std::span<const std::int64_t> counts, const float* q, float* out, const AttentionOptions& opt = {}) {
+  detail::attend<Heads>(cache, layer, seqs, counts, q, out, opt, /*causal=*/false, "cross_attention");
+}
+
+}  // namespace kvattn

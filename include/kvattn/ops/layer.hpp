@@ -1,0 +1,144 @@
+// One attention layer over a KV cache: projections (Eigen GEMMs over caller-owned weights), RoPE,
+// K/V write (producer layers only), attention, output projection. And a stack that follows the
+// layer-sharing map.
+#pragma once
+
+#include <Eigen/Core>
+#include <span>
+#include <vector>
+
+#include "kvattn/ops/attention.hpp"
+#include "kvattn/ops/rope.hpp"
+
+namespace kvattn {
+
+/// Caller-owned f32 weights of one layer, row-major like PyTorch's nn.Linear ([out][in]):
+///   wq [Hq*d][d_model], wk and wv [Hkv*d][d_model] (producer layers only; ignored otherwise),
+///   wo [d_model][Hq*d]. They are mapped, never copied, and must outlive the layer.
+struct LayerWeights {
+  const float* wq = nullptr;
+  const float* wk = nullptr;
+  const float* wv = nullptr;
+  const float* wo = nullptr;
+};
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// Attention block of layer `layer` of a model: y = Wo · attention(RoPE(Wq x), cache).
+/// A producer layer also computes K = RoPE(Wk x), V = Wv x and writes them to its cache slot;
+/// a consumer layer reads its producer's slot and writes nothing.
+class AttentionLayer {
+ public:
+  AttentionLayer(const ModelConfig& config, int layer, int d_model, LayerWeights weights, RopeConfig rope = {})
+      : heads_(config.heads()), layer_(layer), producer_(config.layers().is_producer(layer)), d_model_(d_model),
+        w_(weights), rope_(rope) {
+    if (d_model < 1) detail::fail<config_error>("d_model must be >= 1, got ", d_model);
+    if (w_.wq == nullptr || w_.wo == nullptr) detail::fail<config_error>("layer ", layer, ": wq and wo are required");
+    if (producer_ && (w_.wk == nullptr || w_.wv == nullptr))
+      detail::fail<config_error>("layer ", layer, " produces K/V: wk and wv are required");
+    (void)rope_.dims_for(heads_.head_dim());
+  }
+
+  int layer() const { return layer_; }
+  bool is_producer() const { return producer_; }
+  int d_model() const { return d_model_; }
+
+  /// x and y are [sum(counts)][d_model] (sequences in order). The cache must already hold the new
+  /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
+  /// (AttentionStack does it). Token i of a sequence of length L after extend gets position L - n + i.
+  template <KvLayoutPolicy L>
+  void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
+               float* y, const AttentionOptions& opt = {}) {
+    if (cache.config().heads() != heads_) detail::fail<shape_error>("layer ", layer_, ": cache head layout differs");
+    if (seqs.size() != counts.size())
+      detail::fail<shape_error>("layer forward: ", seqs.size(), " sequences but ", counts.size(), " token counts");
+    std::int64_t tokens = 0;
+    positions_.clear();
+    for (std::size_t b = 0; b < seqs.size(); ++b) {
+      const std::int64_t len = cache.length(seqs[b]);
+      if (counts[b] < 0 || counts[b] > len)
+        detail::fail<shape_error>("layer forward: sequence ", seqs[b], " has ", counts[b], " new tokens but length ",
+                                  len, "; extend the cache first");
+      for (std::int64_t i = 0; i < counts[b]; ++i) positions_.push_back(len - counts[b] + i);
+      tokens += counts[b];
+    }
+    if (tokens == 0) return;
+    if (x == nullptr || y == nullptr) detail::fail<shape_error>("layer forward: null x or y");
+    const int hq = heads_.q_heads(), hkv = heads_.kv_heads(), d = heads_.head_dim();
+    const Eigen::Map<const RowMatrix> X(x, tokens, d_model_);
+    q_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wq, std::int64_t{hq} * d, d_model_).transpose();
+    apply_rope(rope_, q_.data(), tokens, hq, d, q_.cols(), positions_.data());
+    if (producer_) {
+      k_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wk, std::int64_t{hkv} * d, d_model_).transpose();
+      v_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wv, std::int64_t{hkv} * d, d_model_).transpose();
+      apply_rope(rope_, k_.data(), tokens, hkv, d, k_.cols(), positions_.data());
+      std::int64_t row = 0;
+      for (std::size_t b = 0; b < seqs.size(); ++b) {
+        cache.write(seqs[b], layer_, cache.length(seqs[b]) - counts[b], counts[b], k_.data() + row * k_.cols(),
+                    v_.data() + row * v_.cols());
+        row += counts[b];
+      }
+    }
+    attn_.resize(tokens, std::int64_t{hq} * d);
+    prefill(cache, layer_, seqs, counts, q_.data(), attn_.data(), opt);
+    Eigen::Map<RowMatrix> Y(y, tokens, d_model_);
+    Y.noalias() = attn_ * Eigen::Map<const RowMatrix>(w_.wo, d_model_, std::int64_t{hq} * d).transpose();
+  }
+
+ private:
+  HeadShape heads_;
+  int layer_;
+  bool producer_;
+  int d_model_;
+  LayerWeights w_;
+  RopeConfig rope_;
+  RowMatrix q_, k_, v_, attn_;  // reused between calls
+  std::vector<std::int64_t> positions_;
+};
+
+/// The attention blocks of a whole model, following its layer-sharing map, with a residual
+/// connection per layer: h <- h + attention_l(h). (Norms and MLPs are the engine's.)
+class AttentionStack {
+ public:
+  AttentionStack(const ModelConfig& config, int d_model, std::span<const LayerWeights> weights, RopeConfig rope = {}) {
+    if (static_cast<int>(weights.size()) != config.n_layers())
+      detail::fail<shape_error>("stack: ", weights.size(), " layer weights for ", config.n_layers(), " layers");
+    layers_.reserve(weights.size());
+    for (int l = 0; l < config.n_layers(); ++l) layers_.emplace_back(config, l, d_model, weights[static_cast<std::size_t>(l)], rope);
+  }
+
+  std::size_t size() const { return layers_.size(); }
+  const AttentionLayer& layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }
+
+  /// Runs counts[b] new tokens of every sequence through all layers: extends the cache, then each
+  /// layer in order. x and y are [sum(counts)][d_model]; y may alias x. On an exception the cache
+  /// is returned to its previous lengths.
+  template <KvLayoutPolicy L>
+  void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
+               float* y, const AttentionOptions& opt = {}) {
+    std::int64_t tokens = 0;
+    for (std::int64_t c : counts) tokens = checked_add(tokens, std::max<std::int64_t>(c, 0), "tokens");
+    std::vector<std::int64_t> old_lengths;
+    for (seq_id s : seqs) old_lengths.push_back(cache.length(s));
+    cache.extend(seqs, counts);
+    try {
+      const std::int64_t dm = layers_.front().d_model();
+      h_ = Eigen::Map<const RowMatrix>(x, tokens, dm);
+      delta_.resize(tokens, dm);
+      for (AttentionLayer& layer : layers_) {
+        layer.forward(cache, seqs, counts, h_.data(), delta_.data(), opt);
+        h_ += delta_;
+      }
+      Eigen::Map<RowMatrix>(y, tokens, dm) = h_;
+    } catch (...) {
+      for (std::size_t b = 0; b < seqs.size(); ++b) cache.truncate(seqs[b], old_lengths[b]);
+      throw;
+    }
+  }
+
+ private:
+  std::vector<AttentionLayer> layers_;
+  RowMatrix h_, delta_;
+};
+
+}  // namespace kvattn
