@@ -118,6 +118,7 @@ class AttentionStack {
                float* y, const AttentionOptions& opt = {}) {
     std::int64_t tokens = 0;
     for (std::int64_t c : counts) tokens = checked_add(tokens, std::max<std::int64_t>(c, 0), "tokens");
+    if (tokens > 0 && (x == nullptr || y == nullptr)) detail::fail<shape_error>("stack forward: null x or y");
     std::vector<std::int64_t> old_lengths;
     for (seq_id s : seqs) old_lengths.push_back(cache.length(s));
     cache.extend(seqs, counts);

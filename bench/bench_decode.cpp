@@ -1,0 +1,234 @@
+// Decode latency: one new query token per sequence against T cached tokens, for MHA, GQA and MQA
+// with 32 query heads of dim 128, next to a roofline floor and a naive Eigen baseline.
+//
+//   Decode/<design>/T<tokens>/B<batch>/threads:<n>            kvattn::decode with the static head layout
+//   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
+//                                                             softmax, Vᵀ·p with Eigen
+// Counters: kv_bytes (K/V bytes read per step), GB_per_s, floor_ratio = time / max(stream time of
+// kv_bytes, FLOPs at peak), stream_GB_per_s, peak_gflops, attn_threads (threads of the attention;
+// not named `threads`, which would duplicate Google Benchmark's own "threads" key in the JSON).
+// Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "kvattn/kvattn.hpp"
+#include "roofline.hpp"
+#include "summary_reporter.hpp"
+
+namespace {
+
+using kvattn_bench::GiB;
+using Cache = kvattn::KvCache<kvattn::ContiguousLayout>;
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+constexpr int q_heads = 32;
+constexpr int head_dim = 128;
+// Memory guards (the machine has 24 GiB). Shapes over a limit are registered but skipped with
+// SkipWithError, so the output says what was left out and why. At f16 no kvattn shape exceeds
+// its limit (the largest, MHA T32768 B16, is 8 GiB); the Eigen baseline skips MHA T16384/T32768 B16.
+constexpr std::int64_t kvattn_limit = 10 * GiB;
+constexpr std::int64_t eigen_limit = 4 * GiB;
+
+kvattn::kv_dtype storage_dtype = kvattn::kv_dtype::f16;  // --kv_dtype
+
+struct Shape {
+  std::string design;  // e.g. "GQA-32x8"
+  int kv_heads;
+  std::int64_t tokens;
+  int batch;
+
+  std::string key() const { return design + "/T" + std::to_string(tokens) + "/B" + std::to_string(batch); }
+  double flops() const { return 4.0 * q_heads * head_dim * static_cast<double>(tokens) * batch; }
+  std::int64_t kv_bytes(std::int64_t elem_bytes) const { return std::int64_t{batch} * tokens * 2 * kv_heads * head_dim * elem_bytes; }
+};
+
+/// K/V contents: random values in [-1, 1], rounded to the storage type. A sequence's K/V, in the
+/// contiguous block order K[Hkv][T][d] then V[Hkv][T][d], holds element e = pattern[e % size]; the
+/// Eigen baseline gets exactly the same values in f32.
+std::vector<float> pattern_f32() {
+  std::vector<float> p = kvattn_bench::random_floats(std::size_t{1} << 16, 7);
+  for (float& x : p) x = kvattn::round_to_dtype(x, storage_dtype);
+  return p;
+}
+
+/// dst[i] = pattern[(start + i) % pattern.size()] for i < n, by memcpy.
+template <class T>
+void tile(T* dst, std::int64_t n, std::span<const T> pattern, std::int64_t start) {
+  const auto size = static_cast<std::int64_t>(pattern.size());
+  for (std::int64_t i = 0, from = start % size; i < n; from = 0) {
+    const std::int64_t len = std::min(n - i, size - from);
+    std::memcpy(dst + i, pattern.data() + from, static_cast<std::size_t>(len) * sizeof(T));
+    i += len;
+  }
+}
+
+/// The data of the one shape in memory. Big shapes take seconds to build, so a shape is built once
+/// and kept for consecutive benchmarks (its thread counts); the next shape frees it first, so at
+/// most one shape's data is resident.
+struct Resident {
+  std::string key;
+  std::unique_ptr<Cache> cache;           // kvattn: B sequences of T tokens
+  std::vector<RowMatrix> k, v;            // Eigen: [B][Hkv] matrices of [T][d]
+};
+
+Resident& resident(const std::string& key) {
+  static Resident r;
+  if (r.key != key) {
+    r = Resident{};
+    r.key = key;
+  }
+  return r;
+}
+
+std::unique_ptr<Cache> build_cache(const Shape& s) {
+  const kvattn::ModelConfig config(kvattn::HeadShape(q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1),
+                                   storage_dtype);
+  auto cache = std::make_unique<Cache>(config, kvattn::ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch});
+  // Raw storage bytes of the pattern: filling GBs through cache.write() from f32 would take minutes.
+  const std::vector<float> p = pattern_f32();
+  std::vector<std::byte> bytes(p.size() * static_cast<std::size_t>(kvattn::dtype_bytes(storage_dtype)));
+  kvattn::visit_dtype(storage_dtype, [&](auto tag) {
+    using S = kvattn::storage<decltype(tag)::value>;
+    auto* out = reinterpret_cast<typename S::type*>(bytes.data());
+    for (std::size_t i = 0; i < p.size(); ++i) out[i] = S::store(p[i]);
+  });
+  for (kvattn::seq_id id = 0; id < s.batch; ++id) {
+    cache->add_sequence(id);
+    cache->extend(id, s.tokens);
+    const kvattn::KvSequenceView view = cache->sequence_view(id);
+    const std::int64_t blocks = kvattn::ceil_div(view.length, cache->layout().block_tokens());
+    for (std::int64_t b = 0; b < blocks; ++b)
+      tile<std::byte>(view.blocks[b], cache->block_bytes(), bytes, b * cache->block_bytes());
+  }
+  return cache;
+}
+
+void build_eigen(Resident& r, const Shape& s) {
+  const std::vector<float> p = pattern_f32();
+  const std::int64_t head = s.tokens * head_dim;  // elements of one head's K (or V)
+  for (int b = 0; b < s.batch; ++b)
+    for (int h = 0; h < s.kv_heads; ++h) {
+      r.k.emplace_back(s.tokens, head_dim);
+      r.v.emplace_back(s.tokens, head_dim);
+      tile<float>(r.k.back().data(), head, p, h * head);
+      tile<float>(r.v.back().data(), head, p, (s.kv_heads + h) * head);
+    }
+}
+
+/// Counters shared by both benchmarks. floor_ratio is time per iteration / floor: a rate of
+/// `floor` seconds per iteration, inverted (the benchmarks use real time).
+void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes, int threads) {
+  const double stream = kvattn_bench::stream_seconds(kv_bytes, threads);
+  const double peak = kvattn_bench::peak_gflops(threads);
+  const double floor = std::max(stream, s.flops() / (peak * 1e9));
+  state.counters["kv_bytes"] = static_cast<double>(kv_bytes);
+  state.counters["GB_per_s"] = benchmark::Counter(kv_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["floor_ratio"] =
+      benchmark::Counter(floor, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / stream;
+  state.counters["peak_gflops"] = peak;
+  state.counters["attn_threads"] = threads;
+}
+
+bool over_limit(benchmark::State& state, const char* what, std::int64_t bytes, std::int64_t limit) {
+  if (bytes <= limit) return false;
+  const std::string msg = std::string(what) + " K/V would take " + std::to_string(bytes / (1 << 20)) +
+                          " MiB, over the " + std::to_string(limit / GiB) + " GiB limit";
+  state.SkipWithError(msg.c_str());
+  return true;
+}
+
+template <int KvHeads>
+void BM_Decode(benchmark::State& state, const Shape& s) {
+  const int threads = static_cast<int>(state.range(0));
+  const std::int64_t kv_bytes = s.kv_bytes(kvattn::dtype_bytes(storage_dtype));
+  if (over_limit(state, "kvattn", kv_bytes, kvattn_limit)) return;
+  Resident& r = resident("kvattn/" + s.key());
+  if (!r.cache) r.cache = build_cache(s);
+  std::vector<kvattn::seq_id> ids(static_cast<std::size_t>(s.batch));
+  std::iota(ids.begin(), ids.end(), 0);
+  const std::vector<float> q = kvattn_bench::random_floats(ids.size() * q_heads * head_dim, 3);
+  std::vector<float> out(q.size());
+  kvattn::AttentionOptions opt;
+  opt.threads = threads;
+  set_counters(state, s, kv_bytes, threads);  // measures stream time and peak before the timed loop
+
+  for (auto _ : state) {
+    // Static layout: the kernel is specialized on group size and head dim, as a user would do.
+    kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, ids, q.data(), out.data(), opt);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel(std::string(kvattn::dtype_name(storage_dtype)));
+}
+
+void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
+  const int threads = static_cast<int>(state.range(0));
+  const std::int64_t kv_bytes = s.kv_bytes(sizeof(float));
+  if (over_limit(state, "Eigen f32", kv_bytes, eigen_limit)) return;
+  Resident& r = resident("eigen/" + s.key());
+  if (r.k.empty()) build_eigen(r, s);
+  const std::vector<float> q = kvattn_bench::random_floats(std::size_t(s.batch) * q_heads * head_dim, 3);
+  std::vector<float> out(q.size());
+  std::vector<Eigen::VectorXf> scores(static_cast<std::size_t>(threads), Eigen::VectorXf(s.tokens));
+  const int group = q_heads / s.kv_heads;
+  const float scale = 1.f / std::sqrt(float(head_dim));
+  set_counters(state, s, kv_bytes, threads);
+
+  for (auto _ : state) {
+    // One independent item per (sequence, query head), on the same OpenMP loop as the kernels.
+    kvattn::kernels::parallel_for(std::int64_t{s.batch} * q_heads, threads, [&](std::int64_t i, int t) {
+      const std::size_t kv = static_cast<std::size_t>(i / q_heads * s.kv_heads + i % q_heads / group);
+      Eigen::VectorXf& p = scores[static_cast<std::size_t>(t)];
+      p.noalias() = r.k[kv] * Eigen::Map<const Eigen::VectorXf>(q.data() + i * head_dim, head_dim);
+      p = ((p.array() - p.maxCoeff()) * scale).exp();
+      p /= p.sum();
+      Eigen::Map<Eigen::VectorXf>(out.data() + i * head_dim, head_dim).noalias() = r.v[kv].transpose() * p;
+    });
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel("f32");
+}
+
+template <int KvHeads>
+void register_design(const std::string& design) {
+  for (std::int64_t tokens : {1024, 4096, 16384, 32768})
+    for (int batch : {1, 16}) {
+      const Shape s{design, KvHeads, tokens, batch};
+      for (auto* b : {benchmark::RegisterBenchmark(("Decode/" + s.key()).c_str(), BM_Decode<KvHeads>, s),
+                      benchmark::RegisterBenchmark(("DecodeEigenNaive/" + s.key()).c_str(), BM_DecodeEigenNaive, s)})
+        b->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond);
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> args;
+  for (int i = 0; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    if (!a.starts_with("--kv_dtype=")) {
+      args.push_back(argv[i]);
+      continue;
+    }
+    const std::string_view v = a.substr(a.find('=') + 1);
+    if (v == "f16") storage_dtype = kvattn::kv_dtype::f16;
+    else if (v == "bf16") storage_dtype = kvattn::kv_dtype::bf16;
+    else if (v == "f32") storage_dtype = kvattn::kv_dtype::f32;
+    else {
+      std::fprintf(stderr, "unknown --kv_dtype '%.*s' (use f16, bf16 or f32)\n", int(v.size()), v.data());
+      return 1;
+    }
+  }
+  register_design<32>("MHA-32x32");
+  register_design<8>("GQA-32x8");
+  register_design<1>("MQA-32x1");
+  return kvattn_bench::run_main(static_cast<int>(args.size()), args.data());
+}

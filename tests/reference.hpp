@@ -1,0 +1,102 @@
+// Plain double-precision reference attention and test helpers. It reads the same stored (rounded)
+// K/V the kernels read, through KvCache::read, so the comparison isolates kernel arithmetic.
+#pragma once
+
+#include <kvattn/kvattn.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+namespace kvattn::testing {
+
+/// out[i][hq][d] for the n query tokens q[i][hq][d] of sequence id, in double.
+template <KvLayoutPolicy L>
+std::vector<double> reference_attention(const KvCache<L>& cache, int layer, seq_id id, const float* q, std::int64_t n,
+                                        bool causal, double scale = 0.0) {
+  const HeadShape& h = cache.config().heads();
+  const int hq = h.q_heads(), hkv = h.kv_heads(), d = h.head_dim();
+  if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(d));
+  const std::int64_t len = cache.length(id);
+  std::vector<float> k(static_cast<std::size_t>(len) * hkv * d), v(k.size());
+  for (std::int64_t t = 0; t < len; ++t) cache.read(id, layer, t, &k[t * hkv * d], &v[t * hkv * d]);
+  std::vector<double> out(static_cast<std::size_t>(n) * hq * d, 0.0), logits(static_cast<std::size_t>(len));
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t visible = causal ? len - n + i + 1 : len;
+    for (int head = 0; head < hq; ++head) {
+      const int kvh = head / (hq / hkv);  // contiguous groups
+      const float* qr = q + (i * hq + head) * d;
+      double mx = -INFINITY;
+      for (std::int64_t t = 0; t < visible; ++t) {
+        double s = 0;
+        for (int c = 0; c < d; ++c) s += double(qr[c]) * double(k[(t * hkv + kvh) * d + c]);
+        logits[static_cast<std::size_t>(t)] = s * scale;
+        mx = std::max(mx, logits[static_cast<std::size_t>(t)]);
+      }
+      double sum = 0;
+      for (std::int64_t t = 0; t < visible; ++t) sum += std::exp(logits[static_cast<std::size_t>(t)] - mx);
+      double* o = &out[static_cast<std::size_t>((i * hq + head) * d)];
+      for (std::int64_t t = 0; t < visible; ++t) {
+        const double p = std::exp(logits[static_cast<std::size_t>(t)] - mx) / sum;
+        for (int c = 0; c < d; ++c) o[c] += p * double(v[(t * hkv + kvh) * d + c]);
+      }
+    }
+  }
+  return out;
+}
+
+inline std::vector<float> random_floats(std::mt19937_64& rng, std::size_t n, float lo = -1.f, float hi = 1.f) {
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> x(n);
+  for (float& e : x) e = u(rng);
+  return x;
+}
+
+/// Max |a - b| over a float result and a double reference.
+inline double max_abs_diff(const float* a, const double* b, std::size_t n) {
+  double m = 0;
+  for (std::size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
+  return m;
+}
+
+/// Appends `n` random tokens (K/V for every producer slot) to a sequence.
+template <KvLayoutPolicy L>
+void append_random(KvCache<L>& cache, seq_id id, std::int64_t n, std::mt19937_64& rng) {
+  const ModelConfig& c = cache.config();
+  const std::size_t count = static_cast<std::size_t>(n) * c.n_kv_layers() * c.heads().kv_heads() * c.heads().head_dim();
+  const std::vector<float> k = random_floats(rng, count), v = random_floats(rng, count);
+  cache.append(id, n, k.data(), v.data());
+}
+
+/// Everything observable about a cache, to show that a failed call changed nothing.
+struct CacheSnapshot {
+  std::vector<std::pair<seq_id, std::int64_t>> lengths;
+  std::vector<float> contents;
+  std::int64_t reserved = 0, live = 0, in_use = 0, free = 0;
+  bool operator==(const CacheSnapshot&) const = default;
+};
+
+template <KvLayoutPolicy L>
+CacheSnapshot snapshot(const KvCache<L>& cache, std::span<const seq_id> ids) {
+  CacheSnapshot s;
+  s.reserved = cache.reserved_bytes();
+  s.live = cache.live_bytes();
+  s.in_use = cache.blocks_in_use();
+  s.free = cache.free_blocks();
+  const HeadShape& h = cache.config().heads();
+  std::vector<float> k(static_cast<std::size_t>(h.kv_heads()) * h.head_dim()), v(k.size());
+  for (seq_id id : ids) {
+    if (!cache.contains(id)) continue;
+    s.lengths.emplace_back(id, cache.length(id));
+    for (int layer = 0; layer < cache.config().n_layers(); ++layer)
+      for (std::int64_t t = 0; t < cache.length(id); ++t) {
+        cache.read(id, layer, t, k.data(), v.data());
+        s.contents.insert(s.contents.end(), k.begin(), k.end());
+        s.contents.insert(s.contents.end(), v.begin(), v.end());
+      }
+  }
+  return s;
+}
+
+}  // namespace kvattn::testing

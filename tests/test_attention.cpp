@@ -1,0 +1,273 @@
+// Attention kernels against the double-precision reference over thousands of random shapes:
+// MHA/GQA/MQA, head dims {16, 46, 64, 80, 90, 128, 256}, ragged lengths from 1, every storage type,
+// paged and contiguous caches, 1 and 2 threads, split-K and unsplit, plus extreme logits and long
+// contexts. Tolerance: max abs error <= 1e-4 on unit-scale inputs (f32 accumulation over at most a
+// few thousand keys stays near 1e-6; the margin covers the worst random case).
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "reference.hpp"
+
+using namespace kvattn;
+using kvattn::testing::append_random;
+using kvattn::testing::max_abs_diff;
+using kvattn::testing::random_floats;
+using kvattn::testing::reference_attention;
+
+namespace {
+
+enum class mode { decode, prefill, cross };
+
+struct Case {
+  int hq, hkv, d;
+  kv_dtype dtype;
+  int threads;
+  bool paged;
+  int block;                      // paged block tokens
+  int layers, factor;             // sharing map: cla(layers, factor)
+  int layer;                      // layer attended
+  std::vector<std::int64_t> prefix;  // cached tokens before the new chunk
+  std::vector<std::int64_t> chunk;   // new (query) tokens
+  mode m;
+  float q_scale = 1.f;            // scales q, to reach extreme logits
+
+  std::string describe() const {
+    std::ostringstream s;
+    s << (m == mode::decode ? "decode" : m == mode::prefill ? "prefill" : "cross") << " Hq=" << hq << " Hkv=" << hkv
+      << " d=" << d << " " << dtype_name(dtype) << " threads=" << threads << (paged ? " paged/" : " contiguous/")
+      << block << " layer " << layer << " of cla(" << layers << "," << factor << ") q_scale=" << q_scale << " prefix,chunk=";
+    for (std::size_t b = 0; b < prefix.size(); ++b) s << " " << prefix[b] << "+" << chunk[b];
+    return s.str();
+  }
+};
+
+Case random_case(std::mt19937_64& rng, mode m) {
+  auto pick = [&](std::initializer_list<int> v) { return *(v.begin() + rng() % v.size()); };
+  Case c{};
+  c.m = m;
+  c.d = pick({16, 46, 64, 80, 90, 128, 256});
+  c.hkv = pick({1, 1, 2, 3, 4});
+  c.hq = c.hkv * pick({1, 2, 4, 8, 16});
+  while (c.hq > 32) c.hq /= 2, c.hkv = std::min(c.hkv, c.hq);
+  if (c.hq % c.hkv) c.hkv = 1;
+  c.dtype = static_cast<kv_dtype>(rng() % 3);
+  c.threads = 1 + static_cast<int>(rng() % 2);
+  c.paged = rng() % 2;
+  c.block = pick({1, 3, 16, 64});
+  c.layers = pick({1, 2, 3});
+  c.factor = 1 + static_cast<int>(rng() % c.layers);
+  c.layer = static_cast<int>(rng() % c.layers);
+  const int batch = 1 + static_cast<int>(rng() % 4);
+  for (int b = 0; b < batch; ++b) {
+    std::int64_t len = rng() % 4 == 0 ? 0 : 1 + static_cast<std::int64_t>(rng() % 150);
+    if (rng() % 25 == 0) len = 1000 + static_cast<std::int64_t>(rng() % 2500);  // crosses split-K chunks
+    std::int64_t n = m == mode::decode ? 1 : 1 + static_cast<std::int64_t>(rng() % 40);
+    if (len >= 1000) n = std::min<std::int64_t>(n, 4);  // long prefix: few queries (the split-K path), keeps the reference cheap
+    if (m == mode::cross && len == 0) len = 1;
+    c.prefix.push_back(len);
+    c.chunk.push_back(n);
+  }
+  return c;
+}
+
+/// Runs one case and returns the max abs error against the reference.
+template <KvLayoutPolicy L>
+double run_case(const Case& c, L layout, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::cla(c.layers, c.factor), c.dtype);
+  KvCache<L> cache(cfg, layout);
+  std::vector<seq_id> ids;
+  std::int64_t total = 0;
+  for (std::size_t b = 0; b < c.prefix.size(); ++b) {
+    const seq_id id = 100 + static_cast<seq_id>(b) * 7;
+    ids.push_back(id);
+    cache.add_sequence(id);
+    // Cross-attention attends to the cached tokens only; the others append the chunk as well.
+    append_random(cache, id, c.prefix[b] + (c.m == mode::cross ? 0 : c.chunk[b]), rng);
+    total += c.chunk[b];
+  }
+  const std::int64_t row = std::int64_t{c.hq} * c.d;
+  const std::vector<float> q = random_floats(rng, static_cast<std::size_t>(total * row), -c.q_scale, c.q_scale);
+  std::vector<float> out(q.size(), std::nanf(""));
+  AttentionOptions opt;
+  opt.threads = c.threads;
+  if (c.m == mode::decode)
+    decode(cache, c.layer, ids, q.data(), out.data(), opt);
+  else if (c.m == mode::prefill)
+    prefill(cache, c.layer, ids, c.chunk, q.data(), out.data(), opt);
+  else
+    cross_attention(cache, c.layer, ids, c.chunk, q.data(), out.data(), opt);
+  double err = 0;
+  std::int64_t offset = 0;
+  for (std::size_t b = 0; b < ids.size(); ++b) {
+    const auto ref = reference_attention(cache, c.layer, ids[b], q.data() + offset * row, c.chunk[b], c.m != mode::cross);
+    err = std::max(err, max_abs_diff(out.data() + offset * row, ref.data(), ref.size()));
+    offset += c.chunk[b];
+  }
+  return err;
+}
+
+double run_case(const Case& c, std::uint64_t seed) {
+  if (c.paged) return run_case(c, PagedLayout{c.block}, seed);
+  std::int64_t longest = 1;
+  for (std::size_t b = 0; b < c.prefix.size(); ++b) longest = std::max(longest, c.prefix[b] + c.chunk[b]);
+  return run_case(c, ContiguousLayout{longest}, seed);
+}
+
+void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
+  std::mt19937_64 rng(seed0);
+  for (int i = 0; i < n_cases; ++i) {
+    const Case c = random_case(rng, m);
+    const double err = run_case(c, seed0 * 1000003 + static_cast<std::uint64_t>(i));
+    ASSERT_LE(err, 1e-4) << "case " << i << ": " << c.describe();
+  }
+}
+
+}  // namespace
+
+TEST(AttentionRandom, Decode) { run_random_cases(mode::decode, 1000, 11); }
+TEST(AttentionRandom, PrefillAndAppend) { run_random_cases(mode::prefill, 800, 12); }
+TEST(AttentionRandom, CrossAttention) { run_random_cases(mode::cross, 300, 13); }
+
+TEST(Attention, ExtremeLogits) {
+  // |logits| up to ~ q_scale^2 x sqrt(d)/3: hundreds. Online softmax must neither overflow nor lose
+  // the winner. The f32 logit itself carries ~1e-7 relative error, i.e. ~5e-5 absolute at 500,
+  // which moves near-tied softmax weights by as much: tolerance 1e-3 here.
+  std::mt19937_64 rng(21);
+  for (int i = 0; i < 60; ++i) {
+    Case c = random_case(rng, i % 2 ? mode::decode : mode::prefill);
+    c.q_scale = 40.f;
+    const double err = run_case(c, 500 + static_cast<std::uint64_t>(i));
+    ASSERT_LE(err, 1e-3) << c.describe();
+  }
+}
+
+TEST(Attention, LongContext) {
+  // 40k keys: 40 split-K chunks merged by log-sum-exp, paged and contiguous.
+  for (bool paged : {true, false}) {
+    Case c{};
+    c.hq = 8, c.hkv = 2, c.d = 64, c.dtype = kv_dtype::bf16, c.threads = 2, c.paged = paged, c.block = 256;
+    c.layers = 1, c.factor = 1, c.layer = 0, c.m = mode::decode;
+    c.prefix = {40000, 3}, c.chunk = {1, 1};
+    EXPECT_LE(run_case(c, 31), 1e-4) << c.describe();
+  }
+}
+
+TEST(Attention, ResultsDoNotDependOnThreads) {
+  // Bitwise: the plan depends only on the data, and every sum runs in the same order.
+  std::mt19937_64 rng(41);
+  for (int i = 0; i < 40; ++i) {
+    const mode m = i % 2 ? mode::decode : mode::prefill;
+    Case c = random_case(rng, m);
+    c.prefix[0] = 2000 + i * 37;  // split-K in play
+    const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::none(1), c.dtype);
+    KvCache<PagedLayout> cache(cfg, PagedLayout{16});
+    std::vector<seq_id> ids;
+    std::int64_t total = 0;
+    for (std::size_t b = 0; b < c.prefix.size(); ++b) {
+      ids.push_back(static_cast<seq_id>(b));
+      cache.add_sequence(static_cast<seq_id>(b));
+      append_random(cache, static_cast<seq_id>(b), c.prefix[b] + c.chunk[b], rng);
+      total += c.chunk[b];
+    }
+    const auto q = random_floats(rng, static_cast<std::size_t>(total * c.hq * c.d));
+    std::vector<std::vector<float>> outs;
+    for (int threads : {1, 2, 3, 4}) {
+      std::vector<float> out(q.size());
+      AttentionOptions opt;
+      opt.threads = threads;
+      if (m == mode::decode)
+        decode(cache, 0, ids, q.data(), out.data(), opt);
+      else
+        prefill(cache, 0, ids, c.chunk, q.data(), out.data(), opt);
+      outs.push_back(std::move(out));
+    }
+    for (std::size_t t = 1; t < outs.size(); ++t)
+      ASSERT_EQ(0, std::memcmp(outs[0].data(), outs[t].data(), outs[0].size() * sizeof(float))) << c.describe();
+  }
+}
+
+TEST(Attention, StaticHeadLayoutMatchesDynamic) {
+  std::mt19937_64 rng(51);
+  const ModelConfig cfg(HeadShape(32, 8, 128), LayerSharingMap::none(1), kv_dtype::f16);
+  KvCache<PagedLayout> cache(cfg);
+  const std::vector<seq_id> ids{1, 2};
+  for (seq_id id : ids) {
+    cache.add_sequence(id);
+    append_random(cache, id, 300 * id, rng);
+  }
+  const auto q = random_floats(rng, 2 * 32 * 128);
+  std::vector<float> a(q.size()), b(q.size());
+  decode(cache, 0, ids, q.data(), a.data());
+  decode<HeadLayout<32, 8, 128>>(cache, 0, ids, q.data(), b.data());
+  for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6);
+  EXPECT_THROW((decode<HeadLayout<32, 4, 128>>(cache, 0, ids, q.data(), b.data())), config_error);
+}
+
+TEST(Attention, StridedQueriesAndOutputs) {
+  std::mt19937_64 rng(61);
+  const ModelConfig cfg(HeadShape(4, 2, 16), LayerSharingMap::none(1), kv_dtype::f32);
+  KvCache<PagedLayout> cache(cfg);
+  const std::vector<seq_id> ids{3, 4};
+  for (seq_id id : ids) {
+    cache.add_sequence(id);
+    append_random(cache, id, 20 + id, rng);
+  }
+  const std::int64_t row = 4 * 16, stride = row + 10;
+  const auto dense_q = random_floats(rng, 2 * row);
+  std::vector<float> strided_q(2 * stride, 99.f), dense_out(2 * row), strided_out(2 * stride, -7.f);
+  for (int b = 0; b < 2; ++b) std::copy_n(dense_q.data() + b * row, row, strided_q.data() + b * stride);
+  decode(cache, 0, ids, dense_q.data(), dense_out.data());
+  AttentionOptions opt;
+  opt.q_stride = stride;
+  opt.out_stride = stride;
+  decode(cache, 0, ids, strided_q.data(), strided_out.data(), opt);
+  for (int b = 0; b < 2; ++b) {
+    for (int i = 0; i < row; ++i) EXPECT_EQ(dense_out[b * row + i], strided_out[b * stride + i]);
+    for (int i = row; i < stride; ++i) EXPECT_EQ(strided_out[b * stride + i], -7.f);  // padding untouched
+  }
+}
+
+TEST(Attention, EmptySequenceCrossAttentionGivesZeros) {
+  const ModelConfig cfg(HeadShape(2, 1, 16), LayerSharingMap::none(1), kv_dtype::f32);
+  KvCache<PagedLayout> cache(cfg);
+  cache.add_sequence(1);
+  const std::vector<seq_id> ids{1};
+  const std::vector<std::int64_t> counts{2};
+  std::vector<float> q(2 * 32, 1.f), out(2 * 32, 5.f);
+  cross_attention(cache, 0, ids, counts, q.data(), out.data());
+  for (float o : out) EXPECT_EQ(o, 0.f);
+}
+
+TEST(AttentionErrors, BadInputsAreRejected) {
+  std::mt19937_64 rng(71);
+  const ModelConfig cfg(HeadShape(4, 2, 16), LayerSharingMap::cla(2, 2), kv_dtype::f32);
+  KvCache<PagedLayout> cache(cfg);
+  cache.add_sequence(1);
+  append_random(cache, 1, 3, rng);
+  std::vector<float> q(8 * 64), out(8 * 64);
+  const std::vector<seq_id> ids{1}, unknown{42};
+  auto expect_error = [&](auto&& call, const std::string& needle) {
+    const auto before = kvattn::testing::snapshot(cache, ids);
+    try {
+      call();
+      ADD_FAILURE() << "no exception, expected one naming " << needle;
+    } catch (const kvattn::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(kvattn::testing::snapshot(cache, ids), before);
+  };
+  expect_error([&] { decode(cache, 0, unknown, q.data(), out.data()); }, "42");
+  expect_error([&] { decode(cache, 2, ids, q.data(), out.data()); }, "layer 2");
+  expect_error([&] { prefill(cache, 0, ids, std::vector<std::int64_t>{4}, q.data(), out.data()); }, "4 query tokens");
+  expect_error([&] { prefill(cache, 0, ids, std::vector<std::int64_t>{1, 1}, q.data(), out.data()); }, "2 token counts");
+  expect_error([&] { prefill(cache, 0, ids, std::vector<std::int64_t>{-1}, q.data(), out.data()); }, "-1");
+  AttentionOptions bad_stride;
+  bad_stride.q_stride = 10;
+  expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_stride); }, "10");
+  AttentionOptions bad_scale;
+  bad_scale.scale = -1.f;
+  expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_scale); }, "-1");
+  expect_error([&] { decode(cache, 0, ids, nullptr, out.data()); }, "null");
+}

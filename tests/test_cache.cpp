@@ -1,0 +1,284 @@
+// KV cache: exact byte accounting, layouts (contiguous, paged, user-written), sequence lifecycle,
+// fork with copy-on-write, pluggable memory resources, and errors that leave the cache unchanged.
+#include <gtest/gtest.h>
+
+#include <memory_resource>
+
+#include "reference.hpp"
+
+using namespace kvattn;
+using kvattn::testing::append_random;
+using kvattn::testing::snapshot;
+
+namespace {
+
+ModelConfig small_config(kv_dtype dt = kv_dtype::f16, int layers = 4, int factor = 2) {
+  return ModelConfig(HeadShape(8, 2, 16), LayerSharingMap::cla(layers, factor), dt);
+}
+
+/// Counts bytes handed out; can be told to fail after a number of allocations.
+class CountingResource : public std::pmr::memory_resource {
+ public:
+  std::int64_t bytes = 0, allocations = 0;
+  std::int64_t fail_after = -1;  // allocations allowed before bad_alloc (-1: never fail)
+ private:
+  void* do_allocate(std::size_t n, std::size_t align) override {
+    if (fail_after >= 0 && allocations >= fail_after) throw std::bad_alloc();
+    ++allocations;
+    bytes += static_cast<std::int64_t>(n);
+    EXPECT_EQ(align, block_alignment);
+    return std::pmr::new_delete_resource()->allocate(n, align);
+  }
+  void do_deallocate(void* p, std::size_t n, std::size_t align) override {
+    bytes -= static_cast<std::int64_t>(n);
+    std::pmr::new_delete_resource()->deallocate(p, n, align);
+  }
+  bool do_is_equal(const std::pmr::memory_resource& o) const noexcept override { return this == &o; }
+};
+
+/// A user-written layout: blocks of 8 tokens, two reserved when a sequence is added, at most 4 per
+/// sequence, 10 in the pool, recycled.
+struct ReservedPagedLayout {
+  static constexpr std::string_view name = "reserved-paged";
+  std::int64_t block_tokens() const { return 8; }
+  std::int64_t blocks_on_add() const { return 2; }
+  std::int64_t max_blocks_per_sequence() const { return 4; }
+  std::int64_t max_blocks() const { return 10; }
+  bool keeps_free_blocks() const { return true; }
+};
+static_assert(KvLayoutPolicy<ReservedPagedLayout>);
+static_assert(KvLayoutPolicy<PagedLayout> && KvLayoutPolicy<ContiguousLayout>);
+struct NotALayout {};
+static_assert(!KvLayoutPolicy<NotALayout>);
+
+}  // namespace
+
+TEST(KvCache, AccountingIsExact) {
+  std::mt19937_64 rng(1);
+  for (kv_dtype dt : {kv_dtype::f32, kv_dtype::f16, kv_dtype::bf16}) {
+    const ModelConfig cfg = small_config(dt, 6, 2);
+    const std::int64_t per_token = 2 * 2 * 16 * 3 * dtype_bytes(dt);
+    ASSERT_EQ(cfg.kv_bytes_per_token(), per_token);
+    CountingResource res;
+    {
+      KvCache<PagedLayout> cache(cfg, PagedLayout{16}, &res);
+      EXPECT_EQ(cache.block_bytes(), 16 * per_token);
+      cache.add_sequence(1);
+      cache.add_sequence(2);
+      EXPECT_EQ(cache.reserved_bytes(), 0);
+      append_random(cache, 1, 37, rng);
+      append_random(cache, 2, 16, rng);
+      EXPECT_EQ(cache.live_bytes(), (37 + 16) * per_token);
+      EXPECT_EQ(cache.reserved_bytes(), (3 + 1) * 16 * per_token);
+      EXPECT_EQ(cache.reserved_bytes(), res.bytes);
+      cache.truncate(1, 10);
+      EXPECT_EQ(cache.live_bytes(), (10 + 16) * per_token);
+      EXPECT_EQ(cache.blocks_in_use(), 2);
+      EXPECT_EQ(cache.free_blocks(), 2);
+      EXPECT_EQ(cache.reserved_bytes(), res.bytes);
+      cache.release_free_blocks();
+      EXPECT_EQ(cache.reserved_bytes(), 2 * 16 * per_token);
+      EXPECT_EQ(cache.reserved_bytes(), res.bytes);
+    }
+    EXPECT_EQ(res.bytes, 0);  // everything returned
+  }
+}
+
+TEST(KvCache, ClaHalvesTheCache) {
+  const ModelConfig mqa(HeadShape(16, 1, 128), LayerSharingMap::none(20), kv_dtype::bf16);
+  const ModelConfig cla(HeadShape(16, 1, 128), LayerSharingMap::cla(20, 2), kv_dtype::bf16);
+  std::mt19937_64 rng(2);
+  KvCache<PagedLayout> a(mqa), b(cla);
+  a.add_sequence(0);
+  b.add_sequence(0);
+  append_random(a, 0, 40, rng);
+  append_random(b, 0, 40, rng);
+  EXPECT_EQ(a.live_bytes(), 2 * b.live_bytes());
+  EXPECT_EQ(a.reserved_bytes(), 2 * b.reserved_bytes());
+  EXPECT_EQ(b.live_bytes(), 40 * 2 * 128 * 10 * 2);
+}
+
+TEST(KvCache, PagedBlocksAreReusedAfterRemove) {
+  std::mt19937_64 rng(3);
+  CountingResource res;
+  KvCache<PagedLayout> cache(small_config(), PagedLayout{4, 8}, &res);
+  cache.add_sequence(1);
+  append_random(cache, 1, 16, rng);  // 4 blocks
+  const std::int64_t reserved = cache.reserved_bytes();
+  const std::int64_t allocations = res.allocations;
+  cache.remove_sequence(1);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+  EXPECT_EQ(cache.free_blocks(), 4);
+  cache.add_sequence(2);
+  append_random(cache, 2, 16, rng);
+  EXPECT_EQ(res.allocations, allocations);  // no new memory: the free list served all 4 blocks
+  EXPECT_EQ(cache.reserved_bytes(), reserved);
+  EXPECT_EQ(cache.free_blocks(), 0);
+}
+
+TEST(KvCache, ContiguousReservesUpFront) {
+  std::mt19937_64 rng(4);
+  CountingResource res;
+  const ModelConfig cfg = small_config(kv_dtype::bf16);
+  KvCache<ContiguousLayout> cache(cfg, ContiguousLayout{100, 2}, &res);
+  cache.add_sequence(5);
+  EXPECT_EQ(cache.reserved_bytes(), 100 * cfg.kv_bytes_per_token());
+  EXPECT_EQ(cache.live_bytes(), 0);
+  append_random(cache, 5, 100, rng);
+  EXPECT_EQ(cache.capacity_tokens(), 100);
+  EXPECT_THROW(cache.extend(5, 1), capacity_error);
+  cache.truncate(5, 0);
+  EXPECT_EQ(cache.reserved_bytes(), 100 * cfg.kv_bytes_per_token());  // still reserved
+  cache.remove_sequence(5);
+  EXPECT_EQ(cache.reserved_bytes(), 0);  // returned to the resource
+  EXPECT_EQ(res.bytes, 0);
+}
+
+TEST(KvCache, UserWrittenLayoutPlugsIn) {
+  std::mt19937_64 rng(5);
+  KvCache<ReservedPagedLayout> cache(small_config());
+  cache.add_sequence(1);
+  EXPECT_EQ(cache.blocks_in_use(), 2);
+  append_random(cache, 1, 20, rng);
+  EXPECT_EQ(cache.blocks_in_use(), 3);
+  EXPECT_EQ(cache.capacity_tokens(), 32);
+  EXPECT_THROW(append_random(cache, 1, 13, rng), capacity_error);
+  cache.truncate(1, 3);
+  EXPECT_EQ(cache.blocks_in_use(), 2);  // never below the reserved two
+  for (seq_id id = 2; id <= 5; ++id) cache.add_sequence(id);  // 10 blocks in use
+  EXPECT_THROW(cache.add_sequence(6), pool_exhausted);
+}
+
+TEST(KvCache, StoredValuesRoundTrip) {
+  std::mt19937_64 rng(6);
+  for (kv_dtype dt : {kv_dtype::f32, kv_dtype::f16, kv_dtype::bf16}) {
+    const ModelConfig cfg = small_config(dt, 4, 2);
+    KvCache<PagedLayout> cache(cfg, PagedLayout{3});
+    cache.add_sequence(9);
+    const std::size_t per_slot = 5 * 2 * 16;
+    const auto k = kvattn::testing::random_floats(rng, 2 * per_slot), v = kvattn::testing::random_floats(rng, 2 * per_slot);
+    cache.append(9, 5, k.data(), v.data());
+    std::vector<float> kr(32), vr(32);
+    for (int layer = 0; layer < 4; ++layer) {
+      const int slot = cfg.layers().slot_of(layer);
+      for (int t = 0; t < 5; ++t) {
+        cache.read(9, layer, t, kr.data(), vr.data());
+        for (int i = 0; i < 32; ++i) {
+          EXPECT_EQ(kr[i], round_to_dtype(k[slot * per_slot + t * 32 + i], dt));
+          EXPECT_EQ(vr[i], round_to_dtype(v[slot * per_slot + t * 32 + i], dt));
+        }
+      }
+    }
+  }
+}
+
+TEST(KvCache, ForkSharesBlocksAndCopiesOnWrite) {
+  std::mt19937_64 rng(7);
+  KvCache<PagedLayout> cache(small_config(kv_dtype::f32), PagedLayout{4});
+  cache.add_sequence(1);
+  append_random(cache, 1, 10, rng);  // blocks: 4 + 4 + 2
+  const std::vector<seq_id> one{1};
+  const auto before = snapshot(cache, one);
+  cache.fork_sequence(1, 2);
+  EXPECT_EQ(cache.blocks_in_use(), 3);  // shared
+  EXPECT_EQ(cache.length(2), 10);
+  EXPECT_EQ(cache.live_bytes(), 20 * cache.bytes_per_token());
+  append_random(cache, 2, 3, rng);  // writes into the shared partial block: copied first
+  EXPECT_EQ(cache.blocks_in_use(), 5);
+  EXPECT_EQ(snapshot(cache, one).contents, before.contents);  // the source is untouched
+  std::vector<float> a(32), b(32), c(32), d(32);
+  for (int t = 0; t < 10; ++t) {
+    cache.read(1, 0, t, a.data(), b.data());
+    cache.read(2, 0, t, c.data(), d.data());
+    EXPECT_EQ(a, c);
+    EXPECT_EQ(b, d);
+  }
+  // Overwriting shared history is refused.
+  std::vector<float> row(32, 0.f);
+  EXPECT_THROW(cache.write(2, 0, 0, 1, row.data(), row.data()), sequence_error);
+  cache.remove_sequence(1);
+  EXPECT_EQ(cache.blocks_in_use(), 4);  // 2 shared full blocks + 2 of seq 2's own
+  cache.remove_sequence(2);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+}
+
+TEST(KvCache, ConsumerLayersWriteNothing) {
+  KvCache<PagedLayout> cache(small_config());
+  cache.add_sequence(1);
+  cache.extend(1, 1);
+  std::vector<float> row(32, 1.f);
+  EXPECT_THROW(cache.write(1, 1, 0, 1, row.data(), row.data()), config_error);  // layer 1 reads layer 0
+  EXPECT_NO_THROW(cache.write(1, 2, 0, 1, row.data(), row.data()));
+  EXPECT_EQ(cache.slot_view(1).k_offset, cache.slot_view(0).k_offset);
+  EXPECT_NE(cache.slot_view(2).k_offset, cache.slot_view(0).k_offset);
+}
+
+// ---- errors: each names the bad value and leaves the cache exactly as it was -------------------
+
+namespace {
+template <class Error, class L, class Call>
+void expect_unchanged_after(KvCache<L>& cache, const std::vector<seq_id>& ids, Call&& call, const std::string& needle) {
+  const auto before = snapshot(cache, ids);
+  try {
+    call();
+    ADD_FAILURE() << "expected an exception mentioning " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(snapshot(cache, ids), before);
+}
+}  // namespace
+
+TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
+  std::mt19937_64 rng(8);
+  CountingResource res;
+  KvCache<PagedLayout> cache(small_config(kv_dtype::bf16), PagedLayout{4, 6}, &res);
+  cache.add_sequence(1);
+  cache.add_sequence(2);
+  append_random(cache, 1, 9, rng);  // 3 blocks
+  append_random(cache, 2, 4, rng);  // 1 block
+  const std::vector<seq_id> ids{1, 2, 3, 77};
+  std::vector<float> kv(4 * 2 * 2 * 16, 0.5f);
+
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.extend(77, 1); }, "77");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.remove_sequence(77); }, "77");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.truncate(77, 0); }, "77");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { (void)cache.length(77); }, "77");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.add_sequence(1); }, "1");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.fork_sequence(1, 2); }, "2");
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.fork_sequence(77, 3); }, "77");
+  // Pool of 6 blocks, 4 in use: 12 more tokens for sequence 1 need 3 blocks.
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(1, 12); }, "1");
+  // Batch extend: the second sequence's failure undoes nothing because nothing was done.
+  const std::vector<seq_id> batch{2, 1};
+  const std::vector<std::int64_t> counts{4, 12};
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(batch, counts); }, "blocks");
+  const std::vector<seq_id> dup{1, 1};
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(dup, std::vector<std::int64_t>{1, 1}); }, "twice");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(1, -2); }, "-2");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.truncate(1, 10); }, "10");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, 8, 2, kv.data(), kv.data()); }, "[8, 10)");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, 0, 1, kv.data(), kv.data(), 5); }, "stride");
+  expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 3, 0, 1, kv.data(), kv.data()); }, "layer 3");
+  expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 9, 0, 1, kv.data(), kv.data()); }, "9");
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.append(2, 12, kv.data(), kv.data()); }, "2");
+  // The byte source itself failing is reported as pool exhaustion, also without a trace.
+  res.fail_after = res.allocations;
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(2, 4); }, "could not supply");
+  res.fail_after = -1;
+
+  KvCache<ContiguousLayout> contiguous(small_config(), ContiguousLayout{8, 1});
+  contiguous.add_sequence(1);
+  append_random(contiguous, 1, 5, rng);
+  expect_unchanged_after<capacity_error>(contiguous, ids, [&] { contiguous.extend(1, 4); }, "capacity is 8");
+  expect_unchanged_after<pool_exhausted>(contiguous, ids, [&] { contiguous.add_sequence(2); }, "2");
+}
+
+TEST(KvCacheErrors, InvalidLayouts) {
+  EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{0}), config_error);
+  EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16, 0}), config_error);
+  EXPECT_THROW(KvCache<ContiguousLayout>(small_config(), ContiguousLayout{0}), config_error);
+  EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16}, nullptr), config_error);
+  // Block bytes that overflow 64 bits.
+  EXPECT_THROW(KvCache<ContiguousLayout>(small_config(), ContiguousLayout{std::int64_t{1} << 60}), overflow_error);
+}

@@ -1,0 +1,197 @@
+// Layer and stack operators: projections + RoPE + cache + attention against a double reference,
+// both RoPE conventions, decode continuing prefill positions, and CLA consumers writing nothing.
+#include <gtest/gtest.h>
+
+#include "reference.hpp"
+
+using namespace kvattn;
+using kvattn::testing::random_floats;
+
+namespace {
+
+/// Double reference of one layer over a whole sequence processed at once (causal), with RoPE.
+std::vector<double> reference_layer(const std::vector<float>& x, int tokens, int d_model, const HeadShape& h,
+                                    const LayerWeights& w, const RopeConfig& rope, kv_dtype dt) {
+  const int hq = h.q_heads(), hkv = h.kv_heads(), d = h.head_dim();
+  auto project = [&](const float* wt, int out_dim) {
+    std::vector<double> y(static_cast<std::size_t>(tokens) * out_dim, 0.0);
+    for (int t = 0; t < tokens; ++t)
+      for (int o = 0; o < out_dim; ++o) {
+        double s = 0;
+        for (int i = 0; i < d_model; ++i) s += double(x[t * d_model + i]) * wt[o * d_model + i];
+        y[static_cast<std::size_t>(t) * out_dim + o] = s;
+      }
+    return y;
+  };
+  auto rotate = [&](std::vector<double>& y, int heads) {
+    const int r = rope.rotary_dims == 0 ? d : rope.rotary_dims;
+    for (int t = 0; t < tokens; ++t)
+      for (int hh = 0; hh < heads; ++hh)
+        for (int i = 0; i < r / 2; ++i) {
+          const double ang = t * std::pow(rope.base, -2.0 * i / r);
+          const int a = rope.style == rope_style::half ? i : 2 * i, b = rope.style == rope_style::half ? i + r / 2 : 2 * i + 1;
+          double* row = &y[(static_cast<std::size_t>(t) * heads + hh) * d];
+          const double x0 = row[a], x1 = row[b];
+          row[a] = x0 * std::cos(ang) - x1 * std::sin(ang);
+          row[b] = x0 * std::sin(ang) + x1 * std::cos(ang);
+        }
+  };
+  std::vector<double> q = project(w.wq, hq * d), k = project(w.wk, hkv * d), v = project(w.wv, hkv * d);
+  rotate(q, hq);
+  rotate(k, hkv);
+  for (double& e : k) e = round_to_dtype(static_cast<float>(e), dt);  // what the cache stores
+  for (double& e : v) e = round_to_dtype(static_cast<float>(e), dt);
+  std::vector<double> attn(static_cast<std::size_t>(tokens) * hq * d, 0.0);
+  for (int t = 0; t < tokens; ++t)
+    for (int hh = 0; hh < hq; ++hh) {
+      const int kh = hh / (hq / hkv);
+      std::vector<double> logit(static_cast<std::size_t>(t) + 1);
+      double mx = -INFINITY, sum = 0;
+      for (int j = 0; j <= t; ++j) {
+        double s = 0;
+        for (int c = 0; c < d; ++c)
+          s += double(static_cast<float>(q[(static_cast<std::size_t>(t) * hq + hh) * d + c])) * k[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
+        logit[static_cast<std::size_t>(j)] = s / std::sqrt(double(d));
+        mx = std::max(mx, logit[static_cast<std::size_t>(j)]);
+      }
+      for (double& l : logit) sum += (l = std::exp(l - mx));
+      for (int j = 0; j <= t; ++j)
+        for (int c = 0; c < d; ++c)
+          attn[(static_cast<std::size_t>(t) * hq + hh) * d + c] += logit[static_cast<std::size_t>(j)] / sum * v[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
+    }
+  std::vector<double> y(static_cast<std::size_t>(tokens) * d_model, 0.0);
+  for (int t = 0; t < tokens; ++t)
+    for (int o = 0; o < d_model; ++o) {
+      double s = 0;
+      for (int i = 0; i < hq * d; ++i) s += attn[static_cast<std::size_t>(t) * hq * d + i] * w.wo[o * hq * d + i];
+      y[static_cast<std::size_t>(t) * d_model + o] = s;
+    }
+  return y;
+}
+
+struct Weights {
+  std::vector<float> wq, wk, wv, wo;
+  LayerWeights view() const { return {wq.data(), wk.data(), wv.data(), wo.data()}; }
+  Weights(std::mt19937_64& rng, int d_model, const HeadShape& h) {
+    const float s = 1.f / std::sqrt(float(d_model));
+    wq = random_floats(rng, std::size_t(h.q_heads()) * h.head_dim() * d_model, -s, s);
+    wk = random_floats(rng, std::size_t(h.kv_heads()) * h.head_dim() * d_model, -s, s);
+    wv = random_floats(rng, wk.size(), -s, s);
+    wo = random_floats(rng, wq.size(), -s, s);
+  }
+};
+
+}  // namespace
+
+TEST(AttentionLayer, MatchesReferenceWithBothRopeStylesAndDecodeContinuesPositions) {
+  std::mt19937_64 rng(5);
+  const int d_model = 48, tokens = 12, prefill_tokens = 7;
+  for (rope_style style : {rope_style::half, rope_style::interleaved})
+    for (int rotary : {0, 8})
+      for (kv_dtype dt : {kv_dtype::f32, kv_dtype::bf16}) {
+        const HeadShape h(4, 2, 16);
+        const ModelConfig cfg(h, LayerSharingMap::none(1), dt);
+        const Weights w(rng, d_model, h);
+        RopeConfig rope;
+        rope.style = style;
+        rope.rotary_dims = rotary;
+        rope.base = 500.0;  // fast rotation, so a wrong position shows
+        const auto x = random_floats(rng, std::size_t(tokens) * d_model);
+        const auto ref = reference_layer(x, tokens, d_model, h, w.view(), rope, dt);
+        // Prefill 7 tokens, then decode the remaining 5 one at a time.
+        KvCache<PagedLayout> cache(cfg, PagedLayout{4});
+        AttentionLayer layer(cfg, 0, d_model, w.view(), rope);
+        cache.add_sequence(1);
+        const std::vector<seq_id> ids{1};
+        std::vector<float> y(std::size_t(tokens) * d_model);
+        cache.extend(1, prefill_tokens);
+        layer.forward(cache, ids, std::vector<std::int64_t>{prefill_tokens}, x.data(), y.data());
+        for (int t = prefill_tokens; t < tokens; ++t) {
+          cache.extend(1, 1);
+          layer.forward(cache, ids, std::vector<std::int64_t>{1}, x.data() + t * d_model, y.data() + t * d_model);
+        }
+        const double err = kvattn::testing::max_abs_diff(y.data(), ref.data(), ref.size());
+        EXPECT_LE(err, 2e-5) << "style " << int(style) << " rotary " << rotary << " " << dtype_name(dt);
+      }
+}
+
+TEST(AttentionLayer, RejectsBadInputs) {
+  std::mt19937_64 rng(6);
+  const HeadShape h(4, 2, 16);
+  const ModelConfig cfg(h, LayerSharingMap::cla(2, 2), kv_dtype::f32);
+  const Weights w(rng, 32, h);
+  EXPECT_THROW(AttentionLayer(cfg, 0, 32, LayerWeights{w.wq.data(), nullptr, nullptr, w.wo.data()}), config_error);
+  EXPECT_NO_THROW(AttentionLayer(cfg, 1, 32, LayerWeights{w.wq.data(), nullptr, nullptr, w.wo.data()}));
+  RopeConfig odd;
+  odd.rotary_dims = 7;
+  EXPECT_THROW(AttentionLayer(cfg, 0, 32, w.view(), odd), config_error);
+  KvCache<PagedLayout> cache(cfg);
+  cache.add_sequence(1);
+  AttentionLayer layer(cfg, 0, 32, w.view());
+  std::vector<float> x(32), y(32);
+  const std::vector<seq_id> ids{1};
+  EXPECT_THROW(layer.forward(cache, ids, std::vector<std::int64_t>{1}, x.data(), y.data()), shape_error);  // not extended
+}
+
+TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
+  std::mt19937_64 rng(7);
+  const int d_model = 32, n_layers = 4;
+  const HeadShape h(4, 1, 16);
+  const ModelConfig cla(h, LayerSharingMap::cla(n_layers, 2), kv_dtype::f32);
+  std::vector<Weights> ws;
+  std::vector<LayerWeights> views;
+  for (int l = 0; l < n_layers; ++l) ws.emplace_back(rng, d_model, h);
+  for (int l = 0; l < n_layers; ++l) {
+    LayerWeights v = ws[std::size_t(l)].view();
+    if (!cla.layers().is_producer(l)) v.wk = v.wv = nullptr;  // consumers need no K/V weights
+    views.push_back(v);
+  }
+  AttentionStack stack(cla, d_model, views);
+  KvCache<PagedLayout> cache(cla, PagedLayout{8});
+  cache.add_sequence(1);
+  const std::vector<seq_id> ids{1};
+  const auto x = random_floats(rng, 10 * std::size_t(d_model));
+  std::vector<float> y(x.size());
+  stack.forward(cache, ids, std::vector<std::int64_t>{10}, x.data(), y.data());
+  EXPECT_EQ(cache.length(1), 10);
+  EXPECT_EQ(cache.live_bytes(), 10 * 2 * 1 * 16 * 2 * 4);  // two KV layers
+
+  // Same result token by token, and an equivalent explicit layer-by-layer computation.
+  KvCache<PagedLayout> cache2(cla, PagedLayout{8});
+  cache2.add_sequence(1);
+  std::vector<float> y2(x.size());
+  for (int t = 0; t < 10; ++t)
+    stack.forward(cache2, ids, std::vector<std::int64_t>{1}, x.data() + t * d_model, y2.data() + t * d_model);
+  for (std::size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y[i], y2[i], 1e-5);
+
+  // An MQA stack whose odd layers' K/V weights equal the previous layer's, fed the previous layer's
+  // input, differs from CLA; but layer 1 of CLA must match attention over layer 0's cached K/V:
+  // check it by running layer 1 alone on the hidden state after layer 0.
+  KvCache<PagedLayout> c3(cla, PagedLayout{8});
+  c3.add_sequence(1);
+  c3.extend(1, 10);
+  AttentionLayer l0(cla, 0, d_model, views[0]), l1(cla, 1, d_model, views[1]);
+  std::vector<float> d0(x.size()), h1(x.size()), d1(x.size());
+  l0.forward(c3, ids, std::vector<std::int64_t>{10}, x.data(), d0.data());
+  for (std::size_t i = 0; i < x.size(); ++i) h1[i] = x[i] + d0[i];
+  const auto snap = kvattn::testing::snapshot(c3, ids);
+  l1.forward(c3, ids, std::vector<std::int64_t>{10}, h1.data(), d1.data());
+  EXPECT_EQ(kvattn::testing::snapshot(c3, ids), snap);  // the consumer wrote nothing
+}
+
+TEST(AttentionStack, FailedForwardRestoresLengths) {
+  std::mt19937_64 rng(8);
+  const HeadShape h(2, 1, 16);
+  const ModelConfig cfg(h, LayerSharingMap::none(2), kv_dtype::f32);
+  const Weights w(rng, 16, h);
+  const std::vector<LayerWeights> views{w.view(), w.view()};
+  AttentionStack stack(cfg, 16, views);
+  KvCache<PagedLayout> cache(cfg, PagedLayout{4, 2});
+  cache.add_sequence(1);
+  const std::vector<seq_id> ids{1};
+  std::vector<float> x(16 * 16), y(x.size());
+  EXPECT_THROW(stack.forward(cache, ids, std::vector<std::int64_t>{9}, x.data(), y.data()), pool_exhausted);
+  EXPECT_EQ(cache.length(1), 0);
+  EXPECT_THROW(stack.forward(cache, ids, std::vector<std::int64_t>{2}, nullptr, y.data()), shape_error);
+  EXPECT_EQ(cache.length(1), 0);
+}
