@@ -5,6 +5,8 @@
 // few thousand keys stays near 1e-6; the margin covers the worst random case).
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <limits>
 #include <sstream>
 
 #include "reference.hpp"
@@ -126,11 +128,25 @@ void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
 
 }  // namespace
 
-TEST(AttentionRandom, Decode) { run_random_cases(mode::decode, 1000, 11); }
-TEST(AttentionRandom, PrefillAndAppend) { run_random_cases(mode::prefill, 800, 12); }
-TEST(AttentionRandom, CrossAttention) { run_random_cases(mode::cross, 300, 13); }
+/// Runs a test body once per ISA path this CPU supports, forcing the path (KVATTN_ISA's C++ twin).
+class PerIsa : public ::testing::TestWithParam<isa> {
+ protected:
+  void SetUp() override {
+    previous_ = active_isa();
+    set_isa(GetParam());
+  }
+  void TearDown() override { set_isa(previous_); }
+  isa previous_ = isa::scalar;
+};
 
-TEST(Attention, ExtremeLogits) {
+INSTANTIATE_TEST_SUITE_P(Isa, PerIsa, ::testing::ValuesIn(supported_isas()),
+                         [](const ::testing::TestParamInfo<isa>& info) { return std::string(isa_name(info.param)); });
+
+TEST_P(PerIsa, RandomDecode) { run_random_cases(mode::decode, 500, 11); }
+TEST_P(PerIsa, RandomPrefillAndAppend) { run_random_cases(mode::prefill, 400, 12); }
+TEST_P(PerIsa, RandomCrossAttention) { run_random_cases(mode::cross, 150, 13); }
+
+TEST_P(PerIsa, ExtremeLogits) {
   // |logits| up to ~ q_scale^2 x sqrt(d)/3: hundreds. Online softmax must neither overflow nor lose
   // the winner. The f32 logit itself carries ~1e-7 relative error, i.e. ~5e-5 absolute at 500,
   // which moves near-tied softmax weights by as much: tolerance 1e-3 here.
@@ -143,8 +159,8 @@ TEST(Attention, ExtremeLogits) {
   }
 }
 
-TEST(Attention, LongContext) {
-  // 40k keys: 40 split-K chunks merged by log-sum-exp, paged and contiguous.
+TEST_P(PerIsa, LongContext) {
+  // 40k keys: split-K chunks merged by log-sum-exp, paged and contiguous.
   for (bool paged : {true, false}) {
     Case c{};
     c.hq = 8, c.hkv = 2, c.d = 64, c.dtype = kv_dtype::bf16, c.threads = 2, c.paged = paged, c.block = 256;
@@ -154,10 +170,10 @@ TEST(Attention, LongContext) {
   }
 }
 
-TEST(Attention, ResultsDoNotDependOnThreads) {
+TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   // Bitwise: the plan depends only on the data, and every sum runs in the same order.
   std::mt19937_64 rng(41);
-  for (int i = 0; i < 40; ++i) {
+  for (int i = 0; i < 30; ++i) {
     const mode m = i % 2 ? mode::decode : mode::prefill;
     Case c = random_case(rng, m);
     c.prefix[0] = 2000 + i * 37;  // split-K in play
@@ -186,6 +202,37 @@ TEST(Attention, ResultsDoNotDependOnThreads) {
     for (std::size_t t = 1; t < outs.size(); ++t)
       ASSERT_EQ(0, std::memcmp(outs[0].data(), outs[t].data(), outs[0].size() * sizeof(float))) << c.describe();
   }
+}
+
+TEST_P(PerIsa, VectorizedExpError) {
+  // exp2 over the whole range the softmax feeds it ([-126, 0] and a little above): max relative
+  // error <= 4e-7 (a few ulp) against the double result, exactly 0 below -126 and for -inf.
+  std::vector<float> x, y;
+  for (float v = -130.f; v <= 4.f; v += 1.f / 1024) x.push_back(v);
+  x.push_back(-std::numeric_limits<float>::infinity());
+  y.resize(x.size());
+  kernels::exp2_array(x.data(), y.data(), static_cast<std::int64_t>(x.size()), GetParam());
+  double worst = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    if (x[i] < -126.f) {
+      if (GetParam() != isa::scalar) {
+        EXPECT_EQ(y[i], 0.f) << x[i];
+      }
+      continue;
+    }
+    const double want = std::exp2(double(x[i]));
+    worst = std::max(worst, std::fabs(y[i] - want) / want);
+  }
+  EXPECT_LE(worst, 4e-7);
+}
+
+TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
+  for (isa i : {isa::scalar, isa::avx2, isa::avx512, isa::neon}) {
+    if (cpu_supports(i)) continue;
+    EXPECT_THROW(set_isa(i), config_error);
+  }
+  EXPECT_THROW(parse_isa("sse9"), config_error);
+  EXPECT_EQ(parse_isa("avx512"), isa::avx512);
 }
 
 TEST(Attention, StaticHeadLayoutMatchesDynamic) {

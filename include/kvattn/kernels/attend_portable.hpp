@@ -18,6 +18,14 @@ namespace kvattn::kernels {
 /// Keys per tile: one tile of converted K (and V) rows stays in L1 while all query rows use it.
 inline constexpr int key_tile = 32;
 
+struct AttendTile;
+/// Converts n K (values=false) or V rows of a tile's KV head from key k0 on to f32 rows dp floats
+/// apart: the per-storage-type half of a vectorized kernel.
+using TileLoader = void (*)(const AttendTile&, std::int64_t k0, int n, bool values, float* dst, std::int64_t dp);
+
+/// Keys per tile of the vectorized kernels.
+inline constexpr int key_tile_simd = 16;
+
 /// One unit of work for a tile kernel. Row r = i x group + g is query token i, head g of the group.
 struct AttendTile {
   const KvSlotView* slot;
@@ -33,11 +41,20 @@ struct AttendTile {
   std::int64_t visible_step;        ///< 1 for causal, 0 for full (cross) attention
   SoftmaxState* states;             ///< n_tokens x group states
   float* acc;                       ///< n_tokens x group x d unnormalized outputs
+  TileLoader load = nullptr;        ///< row converter of vectorized kernels
 };
 
-/// Scratch floats one tile kernel call needs: scaled queries, converted K/V tile, scores.
+/// A tile kernel: `run` computes a tile's states and accumulators; `load` is its row converter.
+struct TileKernel {
+  void (*run)(const AttendTile&, float* scratch) = nullptr;
+  TileLoader load = nullptr;
+};
+
+/// Scratch floats any tile kernel needs for `rows` query rows of head dim d: scaled queries and
+/// outputs (rows padded to 16 floats), a converted K and V tile, probabilities and rescales.
 inline std::int64_t tile_scratch_floats(int rows, int d) {
-  return std::int64_t{rows} * d + 2 * std::int64_t{key_tile} * d + std::int64_t{rows} * key_tile;
+  const std::int64_t dp = (d + 15) / 16 * 16;
+  return std::int64_t{rows} * (2 * dp + key_tile + 1) + 2 * std::int64_t{key_tile} * dp;
 }
 
 /// Computes the tile's states and accumulators from scratch (any previous content is overwritten).

@@ -10,6 +10,7 @@
 
 #include "kvattn/cache/kv_view.hpp"
 #include "kvattn/kernels/attend_portable.hpp"
+#include "kvattn/kernels/dispatch.hpp"
 #include "kvattn/kernels/parallel.hpp"
 #include "kvattn/kernels/softmax_state.hpp"
 
@@ -96,18 +97,17 @@ inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules
   return plan;
 }
 
-/// The tile kernel signature every ISA path implements.
-using TileKernel = void (*)(const AttendTile&, float* scratch);
-
 /// Runs a planned problem with the given tile kernel on `threads` threads.
 inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan, TileKernel kernel, int threads) {
   const int d = pb.slot.head_dim;
   const int group = pb.q_heads / pb.slot.kv_heads;
   const std::int64_t rows = plan.max_rows;
-  const std::int64_t per_thread = tile_scratch_floats(plan.max_rows, d) + rows * d;
+  // Per-thread scratch: tile scratch plus the item's outputs, in whole 64-byte lines.
+  const std::int64_t per_thread = (tile_scratch_floats(plan.max_rows, d) + rows * d + 15) / 16 * 16;
   threads = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(threads, std::int64_t(plan.items.size()))));
   // All allocation happens here, once per call; the loops below only index into it.
-  std::vector<float> scratch(static_cast<std::size_t>(per_thread * threads));
+  std::vector<float> scratch_storage(static_cast<std::size_t>(per_thread * threads + 16));
+  float* const scratch = scratch_storage.data() + (16 - reinterpret_cast<std::uintptr_t>(scratch_storage.data()) / 4 % 16) % 16;
   std::vector<SoftmaxState> thread_states(static_cast<std::size_t>(rows * threads));
   std::vector<float> partial_acc(static_cast<std::size_t>(plan.partials * rows * d));
   std::vector<SoftmaxState> partial_states(static_cast<std::size_t>(plan.partials * rows));
@@ -120,7 +120,7 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     const WorkItem& w = plan.items[static_cast<std::size_t>(idx)];
     const KvSequenceView& seq = pb.seqs[static_cast<std::size_t>(w.seq)];
     const std::int64_t n = pb.q_offsets[static_cast<std::size_t>(w.seq) + 1] - pb.q_offsets[static_cast<std::size_t>(w.seq)];
-    float* tscratch = scratch.data() + per_thread * thread;
+    float* tscratch = scratch + per_thread * thread;
     AttendTile tile;
     tile.slot = &pb.slot;
     tile.seq = seq;
@@ -134,15 +134,16 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     tile.key_end = w.key_end;
     tile.visible_end0 = pb.causal ? seq.length - n + w.token0 + 1 : seq.length;
     tile.visible_step = pb.causal ? 1 : 0;
+    tile.load = kernel.load;
     if (w.partial >= 0) {
       tile.states = partial_states.data() + w.partial * rows;
       tile.acc = partial_acc.data() + w.partial * rows * d;
-      kernel(tile, tscratch);
+      kernel.run(tile, tscratch);
       return;
     }
     tile.states = thread_states.data() + rows * thread;
     tile.acc = tscratch + tile_scratch_floats(plan.max_rows, d);
-    kernel(tile, tscratch);
+    kernel.run(tile, tscratch);
     for (int r = 0; r < w.n_tokens * group; ++r)
       tile.states[r].finalize(tile.acc + std::int64_t{r} * d, out_row(w.seq, w.kv_head, w.token0 + r / group, r % group), d);
   });

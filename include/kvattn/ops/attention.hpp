@@ -21,14 +21,6 @@ struct AttentionOptions {
 
 namespace detail {
 
-/// Picks the tile kernel for a dtype, with the head layout's compile-time values when it has them.
-template <class Heads>
-kernels::TileKernel select_tile_kernel(kv_dtype dtype) {
-  return visit_dtype(dtype, [](auto tag) -> kernels::TileKernel {
-    return &kernels::attend_tile_portable<decltype(tag)::value, Heads::static_group_size, Heads::static_head_dim>;
-  });
-}
-
 /// Validates a batch against the cache and runs it. counts[b] query tokens per sequence; with
 /// `causal` they are the sequence's last counts[b] tokens.
 template <class Heads, KvLayoutPolicy L>
@@ -71,7 +63,9 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   pb.scale = opt.scale == 0.f ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
   pb.causal = causal;
   const kernels::AttentionPlan plan = kernels::plan_attention(pb);
-  kernels::run_attention(pb, plan, select_tile_kernel<Heads>(cache.config().dtype()), resolve_threads(opt.threads));
+  const kernels::TileKernel kernel = kernels::select_tile_kernel<Heads::static_group_size, Heads::static_head_dim>(
+      cache.config().dtype(), heads.group_size(), d);
+  kernels::run_attention(pb, plan, kernel, resolve_threads(opt.threads));
 }
 
 }  // namespace detail

@@ -1,0 +1,204 @@
+// The SIMD layer: one small vector interface `V` per instruction set, each compiled with a function
+// target attribute so that every path exists in every x86-64 build regardless of -m flags.
+//
+// V provides (all static, always inline, usable only from functions with the same target):
+//   vec, lanes, pv_regs        vector type, floats per vector, accumulator vectors for P·V passes
+//   zero set1 load store add sub mul min max fma(a, b, c) = a * b + c
+//   reduce_add reduce_max      horizontal reductions
+//   round pow2i                nearest integer; 2^n for integral n in [-126, 127]
+//   select_less(x, b, t, f)    lane-wise x < b ? t : f
+//   hsum(acc, out)             out[j] = sum of the lanes of acc[j], j < lanes (a transposed reduction)
+//   convert(src, dst, n)       n stored elements (f32, f16, bf16) to f32
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <cstring>
+
+#include "kvattn/simd/cpu.hpp"
+
+#define KVATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+
+#if defined(KVATTN_ARCH_X86_64)
+// GCC 12 reports its own _mm512_undefined_* placeholders as maybe-uninitialized once inlined.
+#if defined(__clang__)
+#include <immintrin.h>
+#else
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+#define KVATTN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KVATTN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+namespace kvattn::simd::avx512 {
+#define KVATTN_V KVATTN_ALWAYS_INLINE static KVATTN_TARGET_AVX512
+struct V {
+  using vec = __m512;
+  static constexpr int lanes = 16;
+  static constexpr int pv_regs = 16;
+  KVATTN_V vec zero() { return _mm512_setzero_ps(); }
+  KVATTN_V vec set1(float x) { return _mm512_set1_ps(x); }
+  KVATTN_V vec load(const float* p) { return _mm512_loadu_ps(p); }
+  KVATTN_V void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  KVATTN_V vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  KVATTN_V vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+  KVATTN_V vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+  KVATTN_V vec min(vec a, vec b) { return _mm512_min_ps(a, b); }
+  KVATTN_V vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  KVATTN_V vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  KVATTN_V float reduce_add(vec v) { return _mm512_reduce_add_ps(v); }
+  KVATTN_V float reduce_max(vec v) { return _mm512_reduce_max_ps(v); }
+  KVATTN_V vec round(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  KVATTN_V vec pow2i(vec n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+  KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, b, _CMP_LT_OQ), f, t); }
+  KVATTN_V void hsum(const vec* a, float* out) {
+    // 16 vectors -> one: pairwise lane sums (unpack), then 128-bit quarters (shuffle_f32x4).
+    vec t[8], u[4];
+    for (int k = 0; k < 8; ++k)
+      t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int m = 0; m < 4; ++m)
+      u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const vec t01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const vec t23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  KVATTN_V void convert(const float* s, float* d, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_loadu_ps(s + i));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(d + i, m, _mm512_maskz_loadu_ps(m, s + i));
+    }
+  }
+  KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(d + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + i)));
+    }
+  }
+  KVATTN_V void convert(const Eigen::bfloat16* s, float* d, int n) {
+    int i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(
+                                  _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))), 16)));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(d + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + i)), 16)));
+    }
+  }
+};
+#undef KVATTN_V
+}  // namespace kvattn::simd::avx512
+
+namespace kvattn::simd::avx2 {
+#define KVATTN_V KVATTN_ALWAYS_INLINE static KVATTN_TARGET_AVX2
+struct V {
+  using vec = __m256;
+  static constexpr int lanes = 8;
+  static constexpr int pv_regs = 8;
+  KVATTN_V vec zero() { return _mm256_setzero_ps(); }
+  KVATTN_V vec set1(float x) { return _mm256_set1_ps(x); }
+  KVATTN_V vec load(const float* p) { return _mm256_loadu_ps(p); }
+  KVATTN_V void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  KVATTN_V vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  KVATTN_V vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+  KVATTN_V vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+  KVATTN_V vec min(vec a, vec b) { return _mm256_min_ps(a, b); }
+  KVATTN_V vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  KVATTN_V vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  KVATTN_V float reduce_add(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  KVATTN_V float reduce_max(vec v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+  }
+  KVATTN_V vec round(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  KVATTN_V vec pow2i(vec n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+  KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return _mm256_blendv_ps(f, t, _mm256_cmp_ps(x, b, _CMP_LT_OQ)); }
+  KVATTN_V void hsum(const vec* a, float* out) {
+    // 8 vectors -> one: pairwise lane sums, then the two 128-bit halves.
+    vec t[4];
+    for (int k = 0; k < 4; ++k)
+      t[k] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    const vec u0 = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const vec u1 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+  }
+  KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
+  KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i < n; ++i) d[i] = _cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(s[i]));
+  }
+  KVATTN_V void convert(const Eigen::bfloat16* s, float* d, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                                  _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))), 16)));
+    for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+  }
+};
+#undef KVATTN_V
+}  // namespace kvattn::simd::avx2
+#endif  // KVATTN_ARCH_X86_64
+
+#if defined(KVATTN_ARCH_AARCH64)
+#include <arm_neon.h>
+
+namespace kvattn::simd::neon {
+#define KVATTN_V KVATTN_ALWAYS_INLINE static
+struct V {
+  using vec = float32x4_t;
+  static constexpr int lanes = 4;
+  static constexpr int pv_regs = 16;
+  KVATTN_V vec zero() { return vdupq_n_f32(0.f); }
+  KVATTN_V vec set1(float x) { return vdupq_n_f32(x); }
+  KVATTN_V vec load(const float* p) { return vld1q_f32(p); }
+  KVATTN_V void store(float* p, vec v) { vst1q_f32(p, v); }
+  KVATTN_V vec add(vec a, vec b) { return vaddq_f32(a, b); }
+  KVATTN_V vec sub(vec a, vec b) { return vsubq_f32(a, b); }
+  KVATTN_V vec mul(vec a, vec b) { return vmulq_f32(a, b); }
+  KVATTN_V vec min(vec a, vec b) { return vminq_f32(a, b); }
+  KVATTN_V vec max(vec a, vec b) { return vmaxq_f32(a, b); }
+  KVATTN_V vec fma(vec a, vec b, vec c) { return vfmaq_f32(c, a, b); }
+  KVATTN_V float reduce_add(vec v) { return vaddvq_f32(v); }
+  KVATTN_V float reduce_max(vec v) { return vmaxvq_f32(v); }
+  KVATTN_V vec round(vec v) { return vrndnq_f32(v); }
+  KVATTN_V vec pow2i(vec n) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23));
+  }
+  KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return vbslq_f32(vcltq_f32(x, b), t, f); }
+  KVATTN_V void hsum(const vec* a, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))); }
+  KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
+  KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(d + i, vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(s + i))));
+    for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+  }
+  KVATTN_V void convert(const Eigen::bfloat16* s, float* d, int n) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+      vst1q_f32(d + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(s + i)), 16)));
+    for (; i < n; ++i) d[i] = static_cast<float>(s[i]);
+  }
+};
+#undef KVATTN_V
+}  // namespace kvattn::simd::neon
+#endif  // KVATTN_ARCH_AARCH64
