@@ -117,10 +117,11 @@ alignas(64) std::byte small_arena[40 * 1024];
 bool contiguous_demo() {
   std::printf("\n1. ContiguousLayout: 64 tokens per sequence (64 KiB), at most 2 sequences\n");
   // Declared before the cache, so destroyed after it: the cache returns its blocks on destruction.
-  std::pmr::monotonic_buffer_resource arena(contiguous_arena, sizeof contiguous_arena, std::pmr::null_memory_resource());
+  std::pmr::monotonic_buffer_resource arena(contiguous_arena, sizeof contiguous_arena,
+                                            std::pmr::null_memory_resource());
   CountingResource counter(&arena);
-  kvattn::KvCache<kvattn::ContiguousLayout> cache(config, kvattn::ContiguousLayout{.max_tokens = 64, .max_sequences = 2},
-                                                 &counter);
+  const kvattn::ContiguousLayout layout{.max_tokens = 64, .max_sequences = 2};
+  kvattn::KvCache<kvattn::ContiguousLayout> cache(config, layout, &counter);
   bool ok = true;
   cache.add_sequence(1);
   ok &= show("add sequence 1 (reserves 64 tokens):", cache, counter);

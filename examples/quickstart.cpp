@@ -74,7 +74,8 @@ int main() {
   std::printf("GQA: %d query heads, %d KV heads, head dim %d, %s cache, blocks of %lld tokens (%lld B)\n", q_heads,
               kv_heads, head_dim, dtype_name(config.dtype()).data(), static_cast<long long>(cache.layout().block_size),
               static_cast<long long>(cache.block_bytes()));
-  std::printf("bytes per token: cache says %lld, formula 2 x Hkv x d x KV layers x bytes/elem = 2 x %d x %d x %d x %lld = %lld\n\n",
+  std::printf("bytes per token: cache says %lld;"
+              " 2 x Hkv x d x KV layers x bytes/elem = 2 x %d x %d x %d x %lld = %lld\n\n",
               static_cast<long long>(cache.bytes_per_token()), kv_heads, head_dim, config.n_kv_layers(),
               static_cast<long long>(dtype_bytes(config.dtype())), static_cast<long long>(formula));
   ok &= cache.bytes_per_token() == formula;
@@ -99,7 +100,7 @@ int main() {
   std::vector<seq_id> seqs{1, 2};
   const std::vector<std::int64_t> prompt{5, 3};
   for (seq_id id : seqs) cache.add_sequence(id);
-  std::vector<float> x = random_values(rng, std::size_t{5 + 3} * d_model, 1.f);
+  std::vector<float> x = random_values(rng, static_cast<std::size_t>(prompt[0] + prompt[1]) * d_model, 1.f);
   std::vector<float> y(x.size());
   model.forward(cache, seqs, prompt, x.data(), y.data());
   ok &= all_finite(y);
