@@ -252,7 +252,7 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   // Batch extend: the second sequence's failure undoes nothing because nothing was done.
   const std::vector<seq_id> batch{2, 1};
   const std::vector<std::int64_t> counts{4, 12};
-  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(batch, counts); }, "blocks");
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(batch, counts); }, "batch of 2");
   const std::vector<seq_id> dup{1, 1};
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(dup, std::vector<std::int64_t>{1, 1}); }, "twice");
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(1, -2); }, "-2");
@@ -264,7 +264,7 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.append(2, 12, kv.data(), kv.data()); }, "2");
   // The byte source itself failing is reported as pool exhaustion, also without a trace.
   res.fail_after = res.allocations;
-  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(2, 4); }, "could not supply");
+  expect_unchanged_after<pool_exhausted>(cache, ids, [&] { cache.extend(2, 4); }, "out of memory");
   res.fail_after = -1;
 
   KvCache<ContiguousLayout> contiguous(small_config(), ContiguousLayout{8, 1});

@@ -68,7 +68,7 @@ class KvCache {
   void add_sequence(seq_id id) {
     if (seqs_.contains(id)) detail::fail<sequence_error>("sequence ", id, " already exists");
     const std::int64_t n = layout_.blocks_on_add();
-    std::vector<std::byte*> blocks = acquire_blocks(n, id);
+    std::vector<std::byte*> blocks = acquire_blocks(n, detail::message("sequence ", id));
     try {
       seqs_.try_emplace(id).first->second.blocks = std::move(blocks);
     } catch (...) {
@@ -149,7 +149,8 @@ class KvCache {
       needed += p.new_blocks;
       plans.push_back(p);
     }
-    std::vector<std::byte*> fresh = acquire_blocks(needed, ids.size() == 1 ? ids[0] : -1);
+    std::vector<std::byte*> fresh = acquire_blocks(
+        needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
     try {
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
     } catch (...) {
@@ -321,11 +322,11 @@ class KvCache {
 
   /// Takes n blocks (free list first, then the resource) with refcount 1, or throws pool_exhausted
   /// leaving everything as it was.
-  std::vector<std::byte*> acquire_blocks(std::int64_t n, seq_id for_id) {
+  std::vector<std::byte*> acquire_blocks(std::int64_t n, const std::string& for_what) {
     if (n == 0) return {};
     const std::int64_t in_use = blocks_in_use();
     if (layout_.max_blocks() != unlimited && n > layout_.max_blocks() - in_use)
-      detail::fail<pool_exhausted>("KV block pool exhausted: sequence ", for_id, " needs ", n, " more blocks, ",
+      detail::fail<pool_exhausted>("KV block pool exhausted: ", for_what, " needs ", n, " more block(s), ",
                                    in_use, " of ", layout_.max_blocks(), " are in use");
     std::vector<std::byte*> out;
     std::size_t from_free = 0, counted = 0;
@@ -338,12 +339,16 @@ class KvCache {
       // Room for every block to come back to the free list, so release_block never allocates.
       free_.reserve(static_cast<std::size_t>(in_use + free_blocks()) + out.size() - from_free);
       for (; counted < out.size(); ++counted) refcount_.emplace(out[counted], 1);
-    } catch (const std::bad_alloc&) {
+    } catch (...) {
       for (std::size_t i = 0; i < counted; ++i) refcount_.erase(out[i]);
       for (std::size_t i = from_free; i < out.size(); ++i)
         resource_->deallocate(out[i], static_cast<std::size_t>(block_bytes_), block_alignment);
-      detail::fail<pool_exhausted>("KV memory resource could not supply ", n, " blocks of ", block_bytes_,
-                                   " bytes for sequence ", for_id);
+      try {
+        throw;
+      } catch (const std::bad_alloc&) {
+        detail::fail<pool_exhausted>("out of memory while taking ", n, " block(s) of ", block_bytes_,
+                                     " bytes for ", for_what, " (memory resource or bookkeeping)");
+      }
     }
     free_.resize(free_.size() - from_free);
     return out;

@@ -2,6 +2,7 @@
 // everything runs on the calling thread, with identical results.
 #pragma once
 
+#include <Eigen/Core>
 #include <atomic>
 #include <cstdint>
 
@@ -29,10 +30,12 @@ inline int max_threads() {
 #endif
 }
 
-/// Sets the default thread count of kvattn calls (0: OpenMP's default). Results never depend on it.
+/// Sets the default thread count of kvattn calls (0: OpenMP's default), including the Eigen GEMMs
+/// of the layer operators (Eigen::setNbThreads). Attention results never depend on it.
 inline void set_num_threads(int n) {
   if (n < 0) detail::fail<config_error>("thread count must be >= 0, got ", n);
   detail::global_threads() = n;
+  Eigen::setNbThreads(n);  // 0 restores Eigen's default
 }
 
 /// The thread count a call with `requested` threads (0: the global default) will use.

@@ -30,7 +30,7 @@ using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Ro
 class AttentionLayer {
  public:
   AttentionLayer(const ModelConfig& config, int layer, int d_model, LayerWeights weights, RopeConfig rope = {})
-      : heads_(config.heads()), layer_(layer), producer_(config.layers().is_producer(layer)), d_model_(d_model),
+      : heads_(config.heads()), layers_(config.layers()), layer_(layer), producer_(config.layers().is_producer(layer)), d_model_(d_model),
         w_(weights), rope_(rope) {
     if (d_model < 1) detail::fail<config_error>("d_model must be >= 1, got ", d_model);
     if (w_.wq == nullptr || w_.wo == nullptr) detail::fail<config_error>("layer ", layer, ": wq and wo are required");
@@ -49,7 +49,8 @@ class AttentionLayer {
   template <KvLayoutPolicy L>
   void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
                float* y, const AttentionOptions& opt = {}) {
-    if (cache.config().heads() != heads_) detail::fail<shape_error>("layer ", layer_, ": cache head layout differs");
+    if (cache.config().heads() != heads_ || !(cache.config().layers() == layers_))
+      detail::fail<shape_error>("layer ", layer_, ": the cache was built for another model (head layout or sharing map differs)");
     if (seqs.size() != counts.size())
       detail::fail<shape_error>("layer forward: ", seqs.size(), " sequences but ", counts.size(), " token counts");
     std::int64_t tokens = 0;
@@ -87,6 +88,7 @@ class AttentionLayer {
 
  private:
   HeadShape heads_;
+  LayerSharingMap layers_;
   int layer_;
   bool producer_;
   int d_model_;
