@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -44,6 +45,13 @@ std::vector<double> reference_attention(const KvCache<L>& cache, int layer, seq_
     }
   }
   return out;
+}
+
+/// n scaled by KVATTN_TEST_CASE_SCALE (default 1; emulated runs use less), at least 1.
+inline int scaled_cases(int n) {
+  const char* env = std::getenv("KVATTN_TEST_CASE_SCALE");
+  const double scale = env != nullptr ? std::atof(env) : 1.0;
+  return std::max(1, static_cast<int>(n * scale));
 }
 
 inline std::vector<float> random_floats(std::mt19937_64& rng, std::size_t n, float lo = -1.f, float hi = 1.f) {

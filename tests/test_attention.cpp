@@ -119,6 +119,7 @@ double run_case(const Case& c, std::uint64_t seed) {
 
 void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
   std::mt19937_64 rng(seed0);
+  n_cases = kvattn::testing::scaled_cases(n_cases);
   for (int i = 0; i < n_cases; ++i) {
     const Case c = random_case(rng, m);
     const double err = run_case(c, seed0 * 1000003 + static_cast<std::uint64_t>(i));
@@ -151,7 +152,7 @@ TEST_P(PerIsa, ExtremeLogits) {
   // the winner. The f32 logit itself carries ~1e-7 relative error, i.e. ~5e-5 absolute at 500,
   // which moves near-tied softmax weights by as much: tolerance 1e-3 here.
   std::mt19937_64 rng(21);
-  for (int i = 0; i < 60; ++i) {
+  for (int i = 0; i < kvattn::testing::scaled_cases(60); ++i) {
     Case c = random_case(rng, i % 2 ? mode::decode : mode::prefill);
     c.q_scale = 40.f;
     const double err = run_case(c, 500 + static_cast<std::uint64_t>(i));
@@ -173,7 +174,7 @@ TEST_P(PerIsa, LongContext) {
 TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   // Bitwise: the plan depends only on the data, and every sum runs in the same order.
   std::mt19937_64 rng(41);
-  for (int i = 0; i < 30; ++i) {
+  for (int i = 0; i < kvattn::testing::scaled_cases(30); ++i) {
     const mode m = i % 2 ? mode::decode : mode::prefill;
     Case c = random_case(rng, m);
     c.prefix[0] = 2000 + i * 37;  // split-K in play

@@ -40,4 +40,23 @@ inline const std::byte* v_row(const KvSlotView& s, const KvSequenceView& q, int 
   return q.blocks[t / s.block_tokens] + s.v_offset + s.row_offset(h, t % s.block_tokens);
 }
 
+/// Walks consecutive K (or V) rows of one KV head: one division to start, none per row.
+class KvRowCursor {
+ public:
+  KvRowCursor(const KvSlotView& s, const KvSequenceView& q, int h, std::int64_t t, bool values)
+      : blocks_(q.blocks), block_(t / s.block_tokens), in_block_(t % s.block_tokens), block_tokens_(s.block_tokens),
+        row_bytes_(s.row_bytes), head_offset_((values ? s.v_offset : s.k_offset) + h * s.head_stride) {}
+  const std::byte* row() const { return blocks_[block_] + head_offset_ + in_block_ * row_bytes_; }
+  void next() {
+    if (++in_block_ == block_tokens_) {
+      ++block_;
+      in_block_ = 0;
+    }
+  }
+
+ private:
+  std::byte* const* blocks_;
+  std::int64_t block_, in_block_, block_tokens_, row_bytes_, head_offset_;
+};
+
 }  // namespace kvattn

@@ -31,10 +31,20 @@ template <kv_dtype Dtype>
 KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool values, float* dst, std::int64_t dp) {
   using T = typename storage<Dtype>::type;
   const int d = t.slot->head_dim;
-  for (int j = 0; j < n; ++j) {
-    const std::byte* row = values ? v_row(*t.slot, t.seq, t.kv_head, k0 + j) : k_row(*t.slot, t.seq, t.kv_head, k0 + j);
-    V::convert(reinterpret_cast<const T*>(row), dst + j * dp, d);
-  }
+  KvRowCursor rows(*t.slot, t.seq, t.kv_head, k0, values);
+  for (int j = 0; j < n; ++j, rows.next()) V::convert(reinterpret_cast<const T*>(rows.row()), dst + j * dp, d);
+}
+
+/// Asks for the K and V rows [k0, k0 + n) of the tile's KV head, so the next tile's memory latency
+/// overlaps this tile's arithmetic (the hardware prefetcher alone stalls at every tile start).
+KVATTN_ALWAYS_INLINE void prefetch_rows(const AttendTile& t, std::int64_t k0, int n) {
+  const std::int64_t bytes = t.slot->row_bytes;
+  KvRowCursor k(*t.slot, t.seq, t.kv_head, k0, false), v(*t.slot, t.seq, t.kv_head, k0, true);
+  for (int j = 0; j < n; ++j, k.next(), v.next())
+    for (std::int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(k.row() + b, 0, 2);
+      __builtin_prefetch(v.row() + b, 0, 2);
+    }
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -42,36 +52,54 @@ template <int SD>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_tile(const float* q, const float* kb, int dp_runtime, float* s) {
   const int dp = SD != dynamic ? SD : dp_runtime;
   for (int jb = 0; jb < key_tile_simd; jb += L) {
-    vec acc[L];
+    vec acc[L];  // one accumulator per key: must live in registers, hence the unroll pragmas
+    KVATTN_UNROLL(16)
     for (int j = 0; j < L; ++j) acc[j] = V::zero();
     for (int c = 0; c < dp; c += L) {
       const vec qv = V::load(q + c);
+      KVATTN_UNROLL(16)
       for (int j = 0; j < L; ++j) acc[j] = V::fma(qv, V::load(kb + (jb + j) * dp + c), acc[j]);
     }
     V::hsum(acc, s + jb);
   }
 }
 
-/// o = o * alpha + sum_{j < n} p[j] v_j, in passes of V::pv_regs register accumulators.
+/// o[0 .. NV*L) = o * alpha + sum_{j < n} p[j] v_j[0 .. NV*L): NV independent register accumulators.
+template <int NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, vec alpha, const float* vb, int dp, int n) {
+  vec acc[NV];
+  KVATTN_UNROLL(16)
+  for (int k = 0; k < NV; ++k) acc[k] = V::mul(V::load(o + k * L), alpha);
+  for (int j = 0; j < n; ++j) {
+    const vec pj = V::set1(p[j]);
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) acc[k] = V::fma(pj, V::load(vb + j * dp + k * L), acc[k]);
+  }
+  KVATTN_UNROLL(16)
+  for (int k = 0; k < NV; ++k) V::store(o + k * L, acc[k]);
+}
+
+/// Runtime-width pass: picks pv_pass<nv> for nv in [1, V::pv_regs).
+template <int... NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, const float* p,
+                                                   vec alpha, const float* vb, int dp, int n) {
+  ((nv == NV + 1 ? pv_pass<NV + 1>(o, p, alpha, vb, dp, n) : void()), ...);
+}
+
+/// o = o * alpha + sum_{j < n} p[j] v_j over a whole row, in passes of up to V::pv_regs vectors.
 template <int SD>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, float alpha, const float* vb, int dp_runtime, int n) {
-  const int dp = SD != dynamic ? SD : dp_runtime;
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, float alpha, const float* vb, int dp, int n) {
   constexpr int R = V::pv_regs;
   const vec a = V::set1(alpha);
-  int c0 = 0;
-  for (; c0 + R * L <= dp; c0 += R * L) {
-    vec acc[R];
-    for (int k = 0; k < R; ++k) acc[k] = V::mul(V::load(o + c0 + k * L), a);
-    for (int j = 0; j < n; ++j) {
-      const vec pj = V::set1(p[j]);
-      for (int k = 0; k < R; ++k) acc[k] = V::fma(pj, V::load(vb + j * dp + c0 + k * L), acc[k]);
-    }
-    for (int k = 0; k < R; ++k) V::store(o + c0 + k * L, acc[k]);
-  }
-  for (; c0 < dp; c0 += L) {  // remainder, one vector at a time
-    vec acc = V::mul(V::load(o + c0), a);
-    for (int j = 0; j < n; ++j) acc = V::fma(V::set1(p[j]), V::load(vb + j * dp + c0), acc);
-    V::store(o + c0, acc);
+  if constexpr (SD != dynamic) {
+    constexpr int nv = SD / L;
+    for (int k = 0; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, a, vb + k * L, SD, n);
+    if constexpr (nv % R != 0) pv_pass<nv % R>(o + nv / R * R * L, p, a, vb + nv / R * R * L, SD, n);
+  } else {
+    const int nv = dp / L;
+    int k = 0;
+    for (; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, a, vb + k * L, dp, n);
+    if (k < nv) pv_pass_n(std::make_integer_sequence<int, R - 1>{}, nv - k, o + k * L, p, a, vb + k * L, dp, n);
   }
 }
 
@@ -111,6 +139,8 @@ KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
   alignas(64) float s[KT];
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
+    constexpr int ahead = 4 * KT;
+    if (k0 + ahead < key_end) prefetch_rows(t, k0 + ahead, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - ahead)));
     t.load(t, k0, n, false, kb, dp);
     bool any = false;
     for (int r = 0; r < rows; ++r) {
@@ -127,7 +157,7 @@ KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
       for (int j = L; j < KT; j += L) m = V::max(m, V::load(s + j));
       SoftmaxState& st = t.states[r];
       const float m_new = std::fmax(st.max, V::reduce_max(m));
-      const float a = std::exp2(st.max - m_new);
+      const float a = m_new == st.max ? 1.f : std::exp2(st.max - m_new);
       const vec mv = V::set1(m_new);
       vec sum = V::zero();
       for (int j = 0; j < KT; j += L) {
@@ -174,10 +204,13 @@ KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
 /// a value depending on all of them. FLOPs = iterations x 16 x 2 x lanes: the peak FMA rate.
 KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
   vec acc[16];
+  KVATTN_UNROLL(16)
   for (int k = 0; k < 16; ++k) acc[k] = V::set1(seed + static_cast<float>(k));
   const vec m = V::set1(0.999999f), b = V::set1(1e-7f);
-  for (std::int64_t i = 0; i < iterations; ++i)
+  for (std::int64_t i = 0; i < iterations; ++i) {
+    KVATTN_UNROLL(16)
     for (int k = 0; k < 16; ++k) acc[k] = V::fma(acc[k], m, b);
+  }
   vec r = V::zero();
   for (int k = 0; k < 16; ++k) r = V::add(r, acc[k]);
   return V::reduce_add(r);

@@ -18,6 +18,9 @@
 #include "kvattn/simd/cpu.hpp"
 
 #define KVATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+// Fully unrolls a short loop over register accumulators (GCC and Clang both read this pragma).
+#define KVATTN_PRAGMA(x) _Pragma(#x)
+#define KVATTN_UNROLL(n) KVATTN_PRAGMA(GCC unroll n)
 
 #if defined(KVATTN_ARCH_X86_64)
 // GCC 12 reports its own _mm512_undefined_* placeholders as maybe-uninitialized once inlined.
@@ -59,8 +62,10 @@ struct V {
   KVATTN_V void hsum(const vec* a, float* out) {
     // 16 vectors -> one: pairwise lane sums (unpack), then 128-bit quarters (shuffle_f32x4).
     vec t[8], u[4];
+    KVATTN_UNROLL(8)
     for (int k = 0; k < 8; ++k)
       t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    KVATTN_UNROLL(4)
     for (int m = 0; m < 4; ++m)
       u[m] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
                            _mm512_shuffle_ps(t[2 * m], t[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
@@ -135,6 +140,7 @@ struct V {
   KVATTN_V void hsum(const vec* a, float* out) {
     // 8 vectors -> one: pairwise lane sums, then the two 128-bit halves.
     vec t[4];
+    KVATTN_UNROLL(4)
     for (int k = 0; k < 4; ++k)
       t[k] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm256_unpackhi_ps(a[2 * k], a[2 * k + 1]));
     const vec u0 = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
