@@ -4,16 +4,24 @@
 //   Decode/<design>/T<tokens>/B<batch>/threads:<n>            kvattn::decode with the static head layout
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
+// Times and counters are wall time (the work runs on <n> OpenMP threads).
 // Counters: kv_bytes (K/V bytes read per step), GB_per_s, floor_ratio = time / max(stream time of
 // kv_bytes, FLOPs at peak), stream_GB_per_s, peak_gflops, attn_threads (threads of the attention;
 // not named `threads`, which would duplicate Google Benchmark's own "threads" key in the JSON).
-// Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
+// Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
+// forces one). Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
+// The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
+// Quick subset (~15-25 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2$'
+
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common.hpp"
@@ -51,9 +59,9 @@ struct Shape {
 /// K/V contents: random values in [-1, 1], rounded to the storage type. A sequence's K/V, in the
 /// contiguous block order K[Hkv][T][d] then V[Hkv][T][d], holds element e = pattern[e % size]; the
 /// Eigen baseline gets exactly the same values in f32.
-std::vector<float> pattern_f32() {
+std::vector<float> pattern_f32(kvattn::kv_dtype dtype) {
   std::vector<float> p = kvattn_bench::random_floats(std::size_t{1} << 16, 7);
-  for (float& x : p) x = kvattn::round_to_dtype(x, storage_dtype);
+  for (float& x : p) x = kvattn::round_to_dtype(x, dtype);
   return p;
 }
 
@@ -86,31 +94,43 @@ Resident& resident(const std::string& key) {
   return r;
 }
 
-std::unique_ptr<Cache> build_cache(const Shape& s) {
-  const kvattn::ModelConfig config(kvattn::HeadShape(q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1),
-                                   storage_dtype);
+std::unique_ptr<Cache> build_cache(const Shape& s, kvattn::kv_dtype dtype) {
+  const kvattn::ModelConfig config(kvattn::HeadShape(q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1), dtype);
   auto cache = std::make_unique<Cache>(config, kvattn::ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch});
-  // Raw storage bytes of the pattern: filling GBs through cache.write() from f32 would take minutes.
-  const std::vector<float> p = pattern_f32();
-  std::vector<std::byte> bytes(p.size() * static_cast<std::size_t>(kvattn::dtype_bytes(storage_dtype)));
-  kvattn::visit_dtype(storage_dtype, [&](auto tag) {
+  // Storage bytes of the pattern, written with write_stored: converting GBs from f32 would take minutes.
+  const std::vector<float> p = pattern_f32(dtype);
+  const std::size_t elem = static_cast<std::size_t>(kvattn::dtype_bytes(dtype));
+  std::vector<std::byte> bytes(p.size() * elem);
+  kvattn::visit_dtype(dtype, [&](auto tag) {
     using S = kvattn::storage<decltype(tag)::value>;
     auto* out = reinterpret_cast<typename S::type*>(bytes.data());
     for (std::size_t i = 0; i < p.size(); ++i) out[i] = S::store(p[i]);
   });
+  // Token t of KV head h holds K = pattern[h*T*d + t*d ...], V = pattern[(Hkv + h)*T*d + t*d ...]:
+  // the element order of the Eigen baseline's per-head [T][d] matrices. d divides the pattern size.
+  constexpr std::int64_t chunk = 256;
+  const std::int64_t row = head_dim * static_cast<std::int64_t>(elem), size = static_cast<std::int64_t>(bytes.size());
+  std::vector<std::byte> k(static_cast<std::size_t>(chunk * s.kv_heads * row)), v(k.size());
   for (kvattn::seq_id id = 0; id < s.batch; ++id) {
     cache->add_sequence(id);
     cache->extend(id, s.tokens);
-    const kvattn::KvSequenceView view = cache->sequence_view(id);
-    const std::int64_t blocks = kvattn::ceil_div(view.length, cache->layout().block_tokens());
-    for (std::int64_t b = 0; b < blocks; ++b)
-      tile<std::byte>(view.blocks[b], cache->block_bytes(), bytes, b * cache->block_bytes());
+    for (std::int64_t t0 = 0; t0 < s.tokens; t0 += chunk) {
+      const std::int64_t n = std::min(chunk, s.tokens - t0);
+      for (std::int64_t t = 0; t < n; ++t)
+        for (int h = 0; h < s.kv_heads; ++h) {
+          const std::int64_t kfrom = (std::int64_t{h} * s.tokens + t0 + t) * row % size;
+          const std::int64_t vfrom = (std::int64_t{s.kv_heads + h} * s.tokens + t0 + t) * row % size;
+          std::memcpy(&k[static_cast<std::size_t>((t * s.kv_heads + h) * row)], &bytes[static_cast<std::size_t>(kfrom)], static_cast<std::size_t>(row));
+          std::memcpy(&v[static_cast<std::size_t>((t * s.kv_heads + h) * row)], &bytes[static_cast<std::size_t>(vfrom)], static_cast<std::size_t>(row));
+        }
+      cache->write_stored(id, 0, t0, n, k.data(), v.data());
+    }
   }
   return cache;
 }
 
 void build_eigen(Resident& r, const Shape& s) {
-  const std::vector<float> p = pattern_f32();
+  const std::vector<float> p = pattern_f32(storage_dtype);
   const std::int64_t head = s.tokens * head_dim;  // elements of one head's K (or V)
   for (int b = 0; b < s.batch; ++b)
     for (int h = 0; h < s.kv_heads; ++h) {
@@ -121,18 +141,21 @@ void build_eigen(Resident& r, const Shape& s) {
     }
 }
 
-/// Counters shared by both benchmarks. floor_ratio is time per iteration / floor: a rate of
-/// `floor` seconds per iteration, inverted (the benchmarks use real time).
-void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes, int threads) {
-  const double stream = kvattn_bench::stream_seconds(kv_bytes, threads);
-  const double peak = kvattn_bench::peak_gflops(threads);
-  const double floor = std::max(stream, s.flops() / (peak * 1e9));
+/// The machine limits for a shape, measured before its timed loop (once per bytes and thread count).
+struct Roofline {
+  double stream_s, peak_gflops, floor_s;  // floor_s = max(stream time, FLOPs at peak)
+  Roofline(const Shape& s, std::int64_t kv_bytes, int threads)
+      : stream_s(kvattn_bench::stream_seconds(kv_bytes, threads)), peak_gflops(kvattn_bench::peak_gflops(threads)),
+        floor_s(std::max(stream_s, s.flops() / (peak_gflops * 1e9))) {}
+};
+
+/// Counters shared by both benchmarks; `seconds` is the measured time per step.
+void set_counters(benchmark::State& state, const Roofline& f, std::int64_t kv_bytes, int threads, double seconds) {
   state.counters["kv_bytes"] = static_cast<double>(kv_bytes);
-  state.counters["GB_per_s"] = benchmark::Counter(kv_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["floor_ratio"] =
-      benchmark::Counter(floor, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
-  state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / stream;
-  state.counters["peak_gflops"] = peak;
+  state.counters["GB_per_s"] = kv_bytes * 1e-9 / seconds;
+  state.counters["floor_ratio"] = seconds / f.floor_s;
+  state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / f.stream_s;
+  state.counters["peak_gflops"] = f.peak_gflops;
   state.counters["attn_threads"] = threads;
 }
 
@@ -150,22 +173,23 @@ void BM_Decode(benchmark::State& state, const Shape& s) {
   const std::int64_t kv_bytes = s.kv_bytes(kvattn::dtype_bytes(storage_dtype));
   if (over_limit(state, "kvattn", kv_bytes, kvattn_limit)) return;
   Resident& r = resident("kvattn/" + s.key());
-  if (!r.cache) r.cache = build_cache(s);
+  if (!r.cache) r.cache = build_cache(s, storage_dtype);
   std::vector<kvattn::seq_id> ids(static_cast<std::size_t>(s.batch));
   std::iota(ids.begin(), ids.end(), 0);
   const std::vector<float> q = kvattn_bench::random_floats(ids.size() * q_heads * head_dim, 3);
   std::vector<float> out(q.size());
   kvattn::AttentionOptions opt;
   opt.threads = threads;
-  set_counters(state, s, kv_bytes, threads);  // measures stream time and peak before the timed loop
+  const Roofline roof(s, kv_bytes, threads);
 
-  for (auto _ : state) {
+  const double seconds = kvattn_bench::timed_loop(state, [&] {
     // Static layout: the kernel is specialized on group size and head dim, as a user would do.
     kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, ids, q.data(), out.data(), opt);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
-  state.SetLabel(std::string(kvattn::dtype_name(storage_dtype)));
+  });
+  set_counters(state, roof, kv_bytes, threads, seconds);
+  state.SetLabel(std::string(kvattn::dtype_name(storage_dtype)) + "/" + std::string(kvattn::isa_name(kvattn::active_isa())));
 }
 
 void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
@@ -179,9 +203,9 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   std::vector<Eigen::VectorXf> scores(static_cast<std::size_t>(threads), Eigen::VectorXf(s.tokens));
   const int group = q_heads / s.kv_heads;
   const float scale = 1.f / std::sqrt(float(head_dim));
-  set_counters(state, s, kv_bytes, threads);
+  const Roofline roof(s, kv_bytes, threads);
 
-  for (auto _ : state) {
+  const double seconds = kvattn_bench::timed_loop(state, [&] {
     // One independent item per (sequence, query head), on the same OpenMP loop as the kernels.
     kvattn::kernels::parallel_for(std::int64_t{s.batch} * q_heads, threads, [&](std::int64_t i, int t) {
       const std::size_t kv = static_cast<std::size_t>(i / q_heads * s.kv_heads + i % q_heads / group);
@@ -193,7 +217,8 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
     });
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
+  });
+  set_counters(state, roof, kv_bytes, threads, seconds);
   state.SetLabel("f32");
 }
 
@@ -204,7 +229,7 @@ void register_design(const std::string& design) {
       const Shape s{design, KvHeads, tokens, batch};
       for (auto* b : {benchmark::RegisterBenchmark(("Decode/" + s.key()).c_str(), BM_Decode<KvHeads>, s),
                       benchmark::RegisterBenchmark(("DecodeEigenNaive/" + s.key()).c_str(), BM_DecodeEigenNaive, s)})
-        b->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMicrosecond);
+        b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
     }
 }
 

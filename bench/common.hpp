@@ -1,6 +1,8 @@
 // Helpers shared by the benchmark binaries.
 #pragma once
 
+#include <benchmark/benchmark.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -21,17 +23,31 @@ inline std::vector<float> random_floats(std::size_t n, unsigned seed) {
   return x;
 }
 
-/// Median wall time of `reps` calls of fn(), in seconds: robust to one-off interruptions.
+/// Shortest wall time of `reps` calls of fn(), in seconds. For probes of what the machine can do
+/// (bandwidth, peak FLOPs) the best run is the estimate: interference from other processes only
+/// ever makes a run slower, whereas a median absorbs it whenever the machine is busy for a while.
 template <class Fn>
-double median_seconds(int reps, Fn&& fn) {
-  std::vector<double> t;
+double best_seconds(int reps, Fn&& fn) {
+  double best = 0;
   for (int r = 0; r < reps; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
     fn();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = r == 0 ? t : std::min(best, t);
   }
-  std::nth_element(t.begin(), t.begin() + reps / 2, t.end());
-  return t[static_cast<std::size_t>(reps / 2)];
+  return best;
+}
+
+/// The benchmark loop: calls body() once per iteration and returns the wall seconds per iteration,
+/// the same quantity as the reported "Time" (real time). Counters such as GB/s are computed from it:
+/// plain numbers, unlike kIsRate counters, which divide by CPU time unless the benchmark uses
+/// UseRealTime() (which would append "/real_time" to every name).
+template <class Body>
+double timed_loop(benchmark::State& state, Body&& body) {
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto _ : state) body();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return s / static_cast<double>(std::max<benchmark::IterationCount>(1, state.iterations()));
 }
 
 }  // namespace kvattn_bench

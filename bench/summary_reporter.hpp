@@ -64,14 +64,14 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     return buf;
   }
 
-  // Picks a unit so the number has 3-4 significant digits: 12.3 us, 4.56 ms.
+  // Picks a unit and prints 3 significant digits: 12.3 us, 4.56 ms, 187 ns.
   static std::string format_time(double s) {
     const char* unit = "s ";
     if (s < 1e-6) { s *= 1e9; unit = "ns"; }
     else if (s < 1e-3) { s *= 1e6; unit = "us"; }
     else if (s < 1) { s *= 1e3; unit = "ms"; }
     char buf[32];
-    std::snprintf(buf, sizeof buf, "%8.3g %s", s, unit);
+    std::snprintf(buf, sizeof buf, "%8.*f %s", s < 10 ? 2 : s < 100 ? 1 : 0, s, unit);
     return buf;
   }
 

@@ -179,36 +179,27 @@ class KvCache {
   /// (0 means Hkv x d). The positions must exist (extend first).
   void write(seq_id id, int layer, std::int64_t pos, std::int64_t n, const float* k, const float* v,
              std::int64_t token_stride = 0) {
-    const int slot = producer_slot(layer);
-    const Sequence& s = find(id)->second;
     const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
-    if (token_stride == 0) token_stride = row;
-    if (token_stride < row) detail::fail<shape_error>("write: token stride ", token_stride, " is less than Hkv x d = ", row);
-    if (n < 0 || pos < 0 || pos > s.length - n)
-      detail::fail<shape_error>("write tokens [", pos, ", ", pos + n, ") of sequence ", id, " of length ", s.length);
-    if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>("write: null K or V pointer");
-    for (std::int64_t b = pos / layout_.block_tokens(); n > 0 && b <= (pos + n - 1) / layout_.block_tokens(); ++b)
-      if (is_shared(s.blocks[static_cast<std::size_t>(b)]))
-        detail::fail<sequence_error>("write: tokens of sequence ", id, " at block ", b,
-                                     " are shared with a forked sequence; only new tokens may be written");
-    const KvSlotView sv = slot_view_of(slot);
-    const KvSequenceView qv = sequence_view(id);
-    visit_dtype(config_.dtype(), [&](auto tag) {
-      using S = storage<decltype(tag)::value>;
-      using T = typename S::type;
-      const int hkv = sv.kv_heads, d = sv.head_dim;
-      for (std::int64_t t = 0; t < n; ++t)
-        for (int h = 0; h < hkv; ++h) {
-          T* kd = reinterpret_cast<T*>(const_cast<std::byte*>(k_row(sv, qv, h, pos + t)));
-          T* vd = reinterpret_cast<T*>(const_cast<std::byte*>(v_row(sv, qv, h, pos + t)));
-          const float* ks = k + t * token_stride + std::int64_t{h} * d;
-          const float* vs = v + t * token_stride + std::int64_t{h} * d;
-          for (int i = 0; i < d; ++i) {
-            kd[i] = S::store(ks[i]);
-            vd[i] = S::store(vs[i]);
-          }
-        }
-    });
+    write_rows(id, layer, pos, n, k, v, token_stride == 0 ? row : token_stride, row, "write",
+               [&](auto tag, std::byte* dst, const float* src) {
+                 using S = storage<decltype(tag)::value>;
+                 auto* d = reinterpret_cast<typename S::type*>(dst);
+                 for (int i = 0; i < config_.heads().head_dim(); ++i) d[i] = S::store(src[i]);
+               });
+  }
+
+  /// Like write(), but k and v already hold the storage type's elements (f32, or the raw 16 bits of
+  /// f16/bf16), [n][Hkv][d] with `token_stride` elements between tokens: for engines that convert
+  /// or quantize K/V themselves. Bytes are copied as they are.
+  void write_stored(seq_id id, int layer, std::int64_t pos, std::int64_t n, const void* k, const void* v,
+                    std::int64_t token_stride = 0) {
+    const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
+    const std::int64_t elem = dtype_bytes(config_.dtype());
+    write_rows(id, layer, pos, n, static_cast<const std::byte*>(k), static_cast<const std::byte*>(v),
+               (token_stride == 0 ? row : token_stride) * elem, row * elem, "write_stored",
+               [&](auto, std::byte* dst, const std::byte* src) {
+                 std::memcpy(dst, src, static_cast<std::size_t>(config_.row_bytes()));
+               });
   }
 
   /// Appends n tokens to a sequence for every producer slot at once: k and v are
@@ -303,6 +294,38 @@ class KvCache {
       detail::fail<config_error>("layer ", layer, " reads the K/V of layer ", m.source_of(layer),
                                  " and writes none of its own");
     return m.slot_of(layer);
+  }
+
+  /// Validates a write of tokens [pos, pos + n) of a producer layer, then calls
+  /// copy(dtype tag, destination row, source row) for every (token, KV head). Source rows of one
+  /// token are `row_units` apart ... tokens `token_stride` units apart (units: floats or bytes).
+  template <class Src, class Copy>
+  void write_rows(seq_id id, int layer, std::int64_t pos, std::int64_t n, const Src* k, const Src* v,
+                  std::int64_t token_stride, std::int64_t row_units, const char* what, Copy&& copy) {
+    const int slot = producer_slot(layer);
+    const Sequence& s = find(id)->second;
+    if (token_stride < row_units)
+      detail::fail<shape_error>(what, ": token stride ", token_stride, " is less than Hkv x d = ", row_units);
+    if (n < 0 || pos < 0 || pos > s.length - n)
+      detail::fail<shape_error>(what, " tokens [", pos, ", ", pos + n, ") of sequence ", id, " of length ", s.length);
+    if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
+    for (std::int64_t b = pos / layout_.block_tokens(); n > 0 && b <= (pos + n - 1) / layout_.block_tokens(); ++b)
+      if (is_shared(s.blocks[static_cast<std::size_t>(b)]))
+        detail::fail<sequence_error>(what, ": tokens of sequence ", id, " at block ", b,
+                                     " are shared with a forked sequence; only new tokens may be written");
+    const KvSlotView sv = slot_view_of(slot);
+    const std::int64_t head_units = row_units / sv.kv_heads;
+    visit_dtype(config_.dtype(), [&](auto tag) {
+      for (std::int64_t t = 0; t < n; ++t) {
+        const std::int64_t p = pos + t;
+        std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
+        for (int h = 0; h < sv.kv_heads; ++h) {
+          const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
+          copy(tag, block + sv.k_offset + at, k + t * token_stride + h * head_units);
+          copy(tag, block + sv.v_offset + at, v + t * token_stride + h * head_units);
+        }
+      }
+    });
   }
 
   KvSlotView slot_view_of(int slot) const {

@@ -28,7 +28,7 @@ struct KvSlotView {
 
 /// One sequence's K/V: its block table and length. Blocks are shared by all slots.
 struct KvSequenceView {
-  std::byte* const* blocks = nullptr;
+  const std::byte* const* blocks = nullptr;
   std::int64_t length = 0;
 };
 
@@ -55,7 +55,7 @@ class KvRowCursor {
   }
 
  private:
-  std::byte* const* blocks_;
+  const std::byte* const* blocks_;
   std::int64_t block_, in_block_, block_tokens_, row_bytes_, head_offset_;
 };
 

@@ -51,10 +51,10 @@ struct TileKernel {
 };
 
 /// Scratch floats any tile kernel needs for `rows` query rows of head dim d: scaled queries and
-/// outputs (rows padded to 16 floats), a converted K and V tile, probabilities and rescales.
+/// outputs (padded to 16 rows and 16 dims), a converted K and V tile, probabilities, row states.
 inline std::int64_t tile_scratch_floats(int rows, int d) {
-  const std::int64_t dp = (d + 15) / 16 * 16;
-  return std::int64_t{rows} * (2 * dp + key_tile + 1) + 2 * std::int64_t{key_tile} * dp;
+  const std::int64_t dp = (d + 15) / 16 * 16, rp = (rows + 15) / 16 * 16;
+  return rp * (2 * dp + key_tile + 4) + 2 * std::int64_t{key_tile} * dp;
 }
 
 /// Computes the tile's states and accumulators from scratch (any previous content is overwritten).

@@ -64,14 +64,45 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_tile(const float* q, const float* kb,
   }
 }
 
-/// o[0 .. NV*L) = o * alpha + sum_{j < n} p[j] v_j[0 .. NV*L): NV independent register accumulators.
+/// sT[j * rp + r] = q_r . k_j for all rows r < rp (lanes over rows: no horizontal sums). qt is the
+/// transposed query block [dp][rp]; two row vectors x V::qkt_keys keys of accumulators at a time.
+template <int SD>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows(const float* qt, int rp, const float* kb, int dp_runtime, float* sT) {
+  const int dp = SD != dynamic ? SD : dp_runtime;
+  constexpr int KB = V::qkt_keys;
+  for (int rb = 0; rb < rp; rb += 2 * L) {
+    const bool two = rb + L < rp;
+    for (int jb = 0; jb < key_tile_simd; jb += KB) {
+      vec a0[KB], a1[KB];
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) a0[j] = a1[j] = V::zero();
+      for (int c = 0; c < dp; ++c) {
+        const vec q0 = V::load(qt + c * rp + rb);
+        const vec q1 = two ? V::load(qt + c * rp + rb + L) : V::zero();
+        KVATTN_UNROLL(16)
+        for (int j = 0; j < KB; ++j) {
+          const vec kj = V::set1(kb[(jb + j) * dp + c]);
+          a0[j] = V::fma(q0, kj, a0[j]);
+          a1[j] = V::fma(q1, kj, a1[j]);
+        }
+      }
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) {
+        V::store(sT + (jb + j) * rp + rb, a0[j]);
+        if (two) V::store(sT + (jb + j) * rp + rb + L, a1[j]);
+      }
+    }
+  }
+}
+
+/// o[0 .. NV*L) = o * alpha + sum_{j < n} p[j * ps] v_j[0 .. NV*L): NV independent register accumulators.
 template <int NV>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, vec alpha, const float* vb, int dp, int n) {
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, int ps, vec alpha, const float* vb, int dp, int n) {
   vec acc[NV];
   KVATTN_UNROLL(16)
   for (int k = 0; k < NV; ++k) acc[k] = V::mul(V::load(o + k * L), alpha);
   for (int j = 0; j < n; ++j) {
-    const vec pj = V::set1(p[j]);
+    const vec pj = V::set1(p[j * ps]);
     KVATTN_UNROLL(16)
     for (int k = 0; k < NV; ++k) acc[k] = V::fma(pj, V::load(vb + j * dp + k * L), acc[k]);
   }
@@ -81,29 +112,33 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, vec al
 
 /// Runtime-width pass: picks pv_pass<nv> for nv in [1, V::pv_regs).
 template <int... NV>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, const float* p,
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, const float* p, int ps,
                                                    vec alpha, const float* vb, int dp, int n) {
-  ((nv == NV + 1 ? pv_pass<NV + 1>(o, p, alpha, vb, dp, n) : void()), ...);
+  ((nv == NV + 1 ? pv_pass<NV + 1>(o, p, ps, alpha, vb, dp, n) : void()), ...);
 }
 
-/// o = o * alpha + sum_{j < n} p[j] v_j over a whole row, in passes of up to V::pv_regs vectors.
+/// o = o * alpha + sum_{j < n} p[j * ps] v_j over a whole row, in passes of up to V::pv_regs vectors.
 template <int SD>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, float alpha, const float* vb, int dp, int n) {
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps, float alpha, const float* vb, int dp, int n) {
   constexpr int R = V::pv_regs;
   const vec a = V::set1(alpha);
   if constexpr (SD != dynamic) {
     constexpr int nv = SD / L;
-    for (int k = 0; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, a, vb + k * L, SD, n);
-    if constexpr (nv % R != 0) pv_pass<nv % R>(o + nv / R * R * L, p, a, vb + nv / R * R * L, SD, n);
+    for (int k = 0; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, SD, n);
+    if constexpr (nv % R != 0) pv_pass<nv % R>(o + nv / R * R * L, p, ps, a, vb + nv / R * R * L, SD, n);
   } else {
     const int nv = dp / L;
     int k = 0;
-    for (; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, a, vb + k * L, dp, n);
-    if (k < nv) pv_pass_n(std::make_integer_sequence<int, R - 1>{}, nv - k, o + k * L, p, a, vb + k * L, dp, n);
+    for (; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, dp, n);
+    if (k < nv) pv_pass_n(std::make_integer_sequence<int, R - 1>{}, nv - k, o + k * L, p, ps, a, vb + k * L, dp, n);
   }
 }
 
 /// The tile kernel (kernels::TileKernel::run). StaticGroup / StaticDim: compile-time shape or `dynamic`.
+/// Few query rows (decode with a small group): each row takes its dot products with the keys in
+/// lanes and one transposed horizontal sum. Many rows (MQA, large groups, prefill): lanes run over
+/// rows instead, so the scores of 16 rows come out of plain FMAs and the softmax is vectorized
+/// across rows. Both keep the online-softmax state in base 2 (queries are pre-scaled by log2 e).
 template <int StaticGroup, int StaticDim>
 KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
   constexpr int KT = key_tile_simd;
@@ -112,76 +147,281 @@ KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
   const int d = StaticDim != dynamic ? StaticDim : t.slot->head_dim;
   const int dp = SD != dynamic ? SD : (d + L - 1) / L * L;  // rows padded to whole vectors with zeros
   const int rows = t.n_tokens * group;
+  const int rp = (rows + L - 1) / L * L;
+  const bool by_rows = rows >= 2 * L;
   constexpr float log2e = 1.44269504088896340736f, ln2 = 0.69314718055994530942f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-  float* qs = scratch;           // rows x dp: q * scale * log2(e), so the softmax runs in base 2
-  float* o = qs + rows * dp;     // rows x dp: unnormalized outputs
+  float* qs = scratch;           // rows x dp, or transposed dp x rp: q * scale * log2(e)
+  float* o = qs + rp * dp;       // rows x dp: unnormalized outputs
   float* kb = o + rows * dp;     // KT x dp
   float* vb = kb + KT * dp;      // KT x dp
-  float* p = vb + KT * dp;       // rows x KT: probabilities of the current tile
-  float* alpha = p + rows * KT;  // rows: rescale of the current tile
+  float* p = vb + KT * dp;       // probabilities of the current tile: rows x KT, or KT x rp
+  float* alpha = p + KT * rp;    // rp: rescale of the current tile
+  float* mrow = alpha + rp;      // rp: running max (base 2)
+  float* lrow = mrow + rp;       // rp: running sum
+  float* lim = lrow + rp;        // rp: keys of the tile each row sees
+  const int ps = by_rows ? rp : 1;  // p[r][j] is at p + r * (by_rows ? 1 : KT) + j * ps
 
   const float qscale = t.scale * log2e;
   for (int i = 0; i < t.n_tokens; ++i)
     for (int g = 0; g < group; ++g) {
+      const int r = i * group + g;
       const float* src = t.q + i * t.q_stride + std::int64_t{g} * d;
-      float* dst = qs + (i * group + g) * dp;
-      for (int c = 0; c < d; ++c) dst[c] = src[c] * qscale;
-      for (int c = d; c < dp; ++c) dst[c] = 0.f;
+      if (by_rows)
+        for (int c = 0; c < d; ++c) qs[c * rp + r] = src[c] * qscale;
+      else
+        for (int c = 0; c < d; ++c) qs[r * dp + c] = src[c] * qscale;
     }
+  if (by_rows) {  // zero padding: rows beyond `rows`, dims beyond d
+    for (int c = 0; c < dp; ++c)
+      for (int r = (c < d ? rows : 0); r < rp; ++r) qs[c * rp + r] = 0.f;
+  } else {
+    for (int r = 0; r < rows; ++r)
+      for (int c = d; c < dp; ++c) qs[r * dp + c] = 0.f;
+  }
   std::fill_n(o, rows * dp, 0.f);
-  std::fill_n(kb, 2 * KT * dp, 0.f);  // padding columns stay zero; unused rows stay finite
-  for (int r = 0; r < rows; ++r) t.states[r] = SoftmaxState{};  // max held in base 2 until the end
+  for (int j = 0; j < 2 * KT; ++j)
+    for (int c = d; c < dp; ++c) kb[j * dp + c] = 0.f;  // padding columns stay zero
+  std::fill_n(mrow, rp, neg_inf);
+  std::fill_n(lrow, rp, 0.f);
+  std::fill_n(lim, rp, 0.f);
 
   const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
   const std::int64_t key_end = std::min(t.key_end, last_visible);
-  alignas(64) float s[KT];
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
-    constexpr int ahead = 4 * KT;
+#ifndef KVATTN_PF
+#define KVATTN_PF 4
+#endif
+    constexpr int ahead = KVATTN_PF * KT;
     if (k0 + ahead < key_end) prefetch_rows(t, k0 + ahead, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - ahead)));
     t.load(t, k0, n, false, kb, dp);
-    bool any = false;
-    for (int r = 0; r < rows; ++r) {
-      const std::int64_t visible = t.visible_end0 + (r / group) * t.visible_step;
-      const int limit = static_cast<int>(std::clamp<std::int64_t>(visible - k0, 0, n));
-      if (limit == 0) {
-        alpha[r] = 1.f;
-        continue;
+    // Keys of this tile row r sees; rows of one token share it. Row 0 sees the fewest.
+    for (int r = 0; r < rows; ++r)
+      lim[r] = static_cast<float>(std::clamp<std::int64_t>(t.visible_end0 + (r / group) * t.visible_step - k0, 0, n));
+    const bool full = lim[0] == static_cast<float>(KT);
+    if (by_rows) {
+      qk_rows<SD>(qs, rp, kb, dp, p);
+      for (int rb = 0; rb < rp; rb += L) {
+        const vec lv = V::load(lim + rb);
+        vec mt = V::set1(neg_inf);
+        for (int j = 0; j < KT; ++j) {
+          vec sj = V::load(p + j * rp + rb);
+          if (!full) {
+            sj = V::select_less(V::set1(static_cast<float>(j)), lv, sj, V::set1(neg_inf));
+            V::store(p + j * rp + rb, sj);
+          }
+          mt = V::max(mt, sj);
+        }
+        const vec m_old = V::load(mrow + rb);
+        const vec m_new = V::max(m_old, mt);
+        // A row with no key so far keeps max -inf: subtract 0 instead, so exp2 sees -inf, not NaN.
+        const vec m_safe = V::select_less(m_new, V::set1(std::numeric_limits<float>::lowest()), V::zero(), m_new);
+        const vec a = exp2v(V::sub(m_old, m_safe));
+        vec sum = V::zero();
+        for (int j = 0; j < KT; ++j) {
+          const vec e = exp2v(V::sub(V::load(p + j * rp + rb), m_safe));
+          V::store(p + j * rp + rb, e);
+          sum = V::add(sum, e);
+        }
+        V::store(lrow + rb, V::add(V::mul(V::load(lrow + rb), a), sum));
+        V::store(mrow + rb, m_new);
+        V::store(alpha + rb, a);
       }
-      any = true;
-      qk_tile<SD>(qs + r * dp, kb, dp, s);
-      for (int j = limit; j < KT; ++j) s[j] = neg_inf;
-      vec m = V::load(s);
-      for (int j = L; j < KT; j += L) m = V::max(m, V::load(s + j));
-      SoftmaxState& st = t.states[r];
-      const float m_new = std::fmax(st.max, V::reduce_max(m));
-      const float a = m_new == st.max ? 1.f : std::exp2(st.max - m_new);
-      const vec mv = V::set1(m_new);
-      vec sum = V::zero();
-      for (int j = 0; j < KT; j += L) {
-        const vec e = exp2v(V::sub(V::load(s + j), mv));
-        V::store(p + r * KT + j, e);
-        sum = V::add(sum, e);
+    } else {
+      alignas(64) float s[KT];
+      for (int r = 0; r < rows; ++r) {
+        const int limit = static_cast<int>(lim[r]);
+        if (limit == 0) continue;
+        qk_tile<SD>(qs + r * dp, kb, dp, s);
+        for (int j = limit; j < KT; ++j) s[j] = neg_inf;
+        vec m = V::load(s);
+        for (int j = L; j < KT; j += L) m = V::max(m, V::load(s + j));
+        const float m_new = std::fmax(mrow[r], V::reduce_max(m));
+        const float a = m_new == mrow[r] ? 1.f : std::exp2(mrow[r] - m_new);
+        const vec mv = V::set1(m_new);
+        vec sum = V::zero();
+        for (int j = 0; j < KT; j += L) {
+          const vec e = exp2v(V::sub(V::load(s + j), mv));
+          V::store(p + r * KT + j, e);
+          sum = V::add(sum, e);
+        }
+        lrow[r] = lrow[r] * a + V::reduce_add(sum);
+        mrow[r] = m_new;
+        alpha[r] = a;
       }
-      st.sum = st.sum * a + V::reduce_add(sum);
-      st.max = m_new;
-      alpha[r] = a;
     }
-    if (!any) continue;
+    if (lim[rows - 1] == 0.f) continue;  // the last row sees the most: no row saw a key
     t.load(t, k0, n, true, vb, dp);
     for (int r = 0; r < rows; ++r) {
-      const std::int64_t visible = t.visible_end0 + (r / group) * t.visible_step;
-      const int limit = static_cast<int>(std::clamp<std::int64_t>(visible - k0, 0, n));
-      if (limit > 0) pv_row<SD>(o + r * dp, p + r * KT, alpha[r], vb, dp, limit);
+      const int limit = static_cast<int>(lim[r]);
+      if (limit > 0) pv_row<SD>(o + r * dp, p + r * (by_rows ? 1 : KT), ps, alpha[r], vb, dp, limit);
     }
   }
   for (int r = 0; r < rows; ++r) {
     SoftmaxState& st = t.states[r];
-    if (!st.empty()) st.max *= ln2;  // back to natural-log units, as SoftmaxState::merge expects
+    st.sum = lrow[r];
+    st.max = lrow[r] > 0.f ? mrow[r] * ln2 : neg_inf;  // natural-log units, as SoftmaxState::merge expects
     std::copy_n(o + r * dp, d, t.acc + std::int64_t{r} * d);
   }
+}
+
+/// Direct kernel for at most 4 query rows (decode with group size 1, 2 or 4): K and V rows are
+/// converted in registers straight from the cache and each converted vector serves every row, so
+/// nothing is stored and reloaded (the buffered kernel's stores dominate when few rows share them).
+/// R rows x KB keys of dot products fill one hsum; P·V runs V::pv_regs / R vectors per pass.
+template <int R, int NV, kv_dtype Dtype>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p,
+                                                       const typename storage<Dtype>::type* const* vr, int c0, int n) {
+  vec acc[R][NV];
+  KVATTN_UNROLL(4)
+  for (int r = 0; r < R; ++r) {
+    const vec a = V::set1(alpha[r]);
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * d + k * L), a);
+  }
+  for (int j = 0; j < n; ++j) {
+    vec pj[R];
+    KVATTN_UNROLL(4)
+    for (int r = 0; r < R; ++r) pj[r] = V::set1(p[r * key_tile_simd + j]);
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) {
+      const vec v = V::load_stored(vr[j] + c0 + k * L);
+      KVATTN_UNROLL(4)
+      for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
+    }
+  }
+  KVATTN_UNROLL(4)
+  for (int r = 0; r < R; ++r) {
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) V::store(o + r * d + k * L, acc[r][k]);
+  }
+}
+
+template <int R, kv_dtype Dtype, int... NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, int d,
+                                                         const float* alpha, const float* p,
+                                                         const typename storage<Dtype>::type* const* vr, int c0, int n) {
+  ((nv == NV + 1 ? direct_pv_pass<R, NV + 1, Dtype>(o, d, alpha, p, vr, c0, n) : void()), ...);
+}
+
+template <int R, int SD, kv_dtype Dtype>
+KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
+  using T = typename storage<Dtype>::type;
+  constexpr int KT = key_tile_simd;
+  constexpr int KB = L / R;              // keys per hsum block
+  constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
+  constexpr float log2e = 1.44269504088896340736f, ln2 = 0.69314718055994530942f;
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const int d = SD != dynamic ? SD : d_runtime;
+  const int group = t.group;
+  float* qs = scratch;   // R x d, pre-scaled by scale * log2(e)
+  float* o = qs + R * d; // R x d
+  alignas(64) float s[R * KT];
+  alignas(64) float hs[L];
+  float m[R], l[R], alpha[R];
+  int limit[R];
+  for (int r = 0; r < R; ++r) {
+    const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
+    for (int c = 0; c < d; ++c) qs[r * d + c] = src[c] * (t.scale * log2e);
+    m[r] = neg_inf;
+    l[r] = 0.f;
+  }
+  std::fill_n(o, R * d, 0.f);
+  const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
+  const std::int64_t key_end = std::min(t.key_end, last_visible);
+  const T* kr[KT];
+  const T* vr[KT];
+  for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
+    const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
+    constexpr int ahead = 4 * KT;
+    if (k0 + ahead < key_end) prefetch_rows(t, k0 + ahead, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - ahead)));
+    KvRowCursor kc(*t.slot, t.seq, t.kv_head, k0, false), vc(*t.slot, t.seq, t.kv_head, k0, true);
+    for (int j = 0; j < n; ++j, kc.next(), vc.next()) {
+      kr[j] = reinterpret_cast<const T*>(kc.row());
+      vr[j] = reinterpret_cast<const T*>(vc.row());
+    }
+    for (int j = n; j < KT; ++j) kr[j] = kr[n - 1];  // valid memory; their scores are masked
+    for (int jb = 0; jb < KT; jb += KB) {
+      vec acc[L];
+      KVATTN_UNROLL(16)
+      for (int a = 0; a < L; ++a) acc[a] = V::zero();
+      for (int c = 0; c < d; c += L) {
+        vec qv[R];
+        KVATTN_UNROLL(4)
+        for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
+        KVATTN_UNROLL(16)
+        for (int j = 0; j < KB; ++j) {
+          const vec kv = V::load_stored(kr[jb + j] + c);
+          KVATTN_UNROLL(4)
+          for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
+        }
+      }
+      V::hsum(acc, hs);
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < KB; ++j) s[r * KT + jb + j] = hs[r * KB + j];
+    }
+    bool any = false;
+    for (int r = 0; r < R; ++r) {
+      limit[r] = static_cast<int>(std::clamp<std::int64_t>(t.visible_end0 + (r / group) * t.visible_step - k0, 0, n));
+      float* sr = s + r * KT;
+      for (int j = limit[r]; j < KT; ++j) sr[j] = neg_inf;
+      alpha[r] = 1.f;
+      if (limit[r] == 0) {  // nothing visible: zero weights for the P·V pass of the other rows
+        std::fill_n(sr, KT, 0.f);
+        continue;
+      }
+      any = true;
+      vec mv = V::load(sr);
+      for (int j = L; j < KT; j += L) mv = V::max(mv, V::load(sr + j));
+      const float m_new = std::fmax(m[r], V::reduce_max(mv));
+      alpha[r] = m_new == m[r] ? 1.f : std::exp2(m[r] - m_new);
+      const vec mb = V::set1(m_new);
+      vec sum = V::zero();
+      for (int j = 0; j < KT; j += L) {
+        const vec e = exp2v(V::sub(V::load(sr + j), mb));
+        V::store(sr + j, e);
+        sum = V::add(sum, e);
+      }
+      l[r] = l[r] * alpha[r] + V::reduce_add(sum);
+      m[r] = m_new;
+    }
+    if (!any) continue;
+    // Rows of one step see the same keys in decode; with several tokens, masked p are 0.
+    int n_used = 0;
+    for (int r = 0; r < R; ++r) n_used = std::max(n_used, limit[r]);
+    const int nv = d / L;
+    int k = 0;
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
+    if (k < nv)
+      direct_pv_pass_n<R, Dtype>(std::make_integer_sequence<int, NVP - 1>{}, nv - k, o + k * L, d, alpha, s, vr, k * L, n_used);
+  }
+  for (int r = 0; r < R; ++r) {
+    SoftmaxState& st = t.states[r];
+    st.sum = l[r];
+    st.max = l[r] > 0.f ? m[r] * ln2 : neg_inf;
+    std::copy_n(o + r * d, d, t.acc + std::int64_t{r} * d);
+  }
+}
+
+/// Tile kernel with the storage type known at compile time: few rows take the direct kernel,
+/// everything else the buffered attend_tile.
+template <int StaticGroup, int StaticDim, kv_dtype Dtype>
+KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
+  const int group = StaticGroup != dynamic ? StaticGroup : t.group;
+  const int d = StaticDim != dynamic ? StaticDim : t.slot->head_dim;
+  const int rows = t.n_tokens * group;
+  if (d % L == 0) {  // rows = tokens x group: only groups that divide a row count are instantiated
+    constexpr int SD = StaticDim != dynamic && StaticDim % L == 0 ? StaticDim : dynamic;
+    if constexpr (StaticGroup == dynamic || StaticGroup == 1)
+      if (rows == 1) return attend_rows_direct<1, SD, Dtype>(t, scratch, d);
+    if constexpr (StaticGroup == dynamic || StaticGroup <= 2)
+      if (rows == 2) return attend_rows_direct<2, SD, Dtype>(t, scratch, d);
+    if constexpr (StaticGroup == dynamic || StaticGroup <= 4)
+      if (rows == 4) return attend_rows_direct<4, SD, Dtype>(t, scratch, d);
+  }
+  attend_tile<StaticGroup, StaticDim>(t, scratch);
 }
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path

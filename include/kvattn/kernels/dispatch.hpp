@@ -51,8 +51,9 @@ constexpr int index_of(const std::array<int, 5>& values, int v) {
   return -1;
 }
 
-/// Table [group index 0..5 (5: dynamic)][head-dim index 0..5 (5: dynamic)] of one ISA's kernels.
-template <template <int, int> class Entry>
+/// Table [group index 0..5 (5: dynamic)][head-dim index 0..5 (5: dynamic)] of one ISA's kernels
+/// for one storage type.
+template <template <int, int, kv_dtype> class Entry, kv_dtype Dtype>
 struct KernelTable {
   using Fn = void (*)(const AttendTile&, float*);
   static constexpr int n = 6;
@@ -62,7 +63,7 @@ struct KernelTable {
   }
   template <std::size_t... I>
   static constexpr std::array<Fn, n * n> build(std::index_sequence<I...>) {
-    return {Entry<value_at<I / n>(specialized_groups), value_at<I % n>(specialized_head_dims)>::fn...};
+    return {Entry<value_at<I / n>(specialized_groups), value_at<I % n>(specialized_head_dims), Dtype>::fn...};
   }
   static constexpr std::array<Fn, n * n> table = build(std::make_index_sequence<n * n>{});
   static Fn lookup(int group, int head_dim) {
@@ -74,21 +75,21 @@ struct KernelTable {
 };
 
 #if defined(KVATTN_ARCH_X86_64)
-template <int G, int D> struct Avx512Entry { static constexpr auto fn = &avx512::attend_tile<G, D>; };
-template <int G, int D> struct Avx2Entry { static constexpr auto fn = &avx2::attend_tile<G, D>; };
+template <int G, int D, kv_dtype T> struct Avx512Entry { static constexpr auto fn = &avx512::attend_tile_typed<G, D, T>; };
+template <int G, int D, kv_dtype T> struct Avx2Entry { static constexpr auto fn = &avx2::attend_tile_typed<G, D, T>; };
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
-template <int G, int D> struct NeonEntry { static constexpr auto fn = &neon::attend_tile<G, D>; };
+template <int G, int D, kv_dtype T> struct NeonEntry { static constexpr auto fn = &neon::attend_tile_typed<G, D, T>; };
 #endif
 
 /// The tile kernel for a path, a storage type and a shape. StaticGroup/StaticDim (from a static
 /// HeadLayout) instantiate exactly that shape; otherwise the runtime shape picks a specialization.
-template <template <int, int> class Entry, kv_dtype Dtype, int StaticGroup, int StaticDim, class LoadRows>
+template <template <int, int, kv_dtype> class Entry, kv_dtype Dtype, int StaticGroup, int StaticDim, class LoadRows>
 TileKernel simd_kernel(int group, int head_dim, LoadRows load_rows) {
   if constexpr (StaticGroup != dynamic && StaticDim != dynamic)
-    return {Entry<StaticGroup, StaticDim>::fn, load_rows};
+    return {Entry<StaticGroup, StaticDim, Dtype>::fn, load_rows};
   else
-    return {KernelTable<Entry>::lookup(group, head_dim), load_rows};
+    return {KernelTable<Entry, Dtype>::lookup(group, head_dim), load_rows};
 }
 
 }  // namespace detail
@@ -166,7 +167,7 @@ inline double fma_peak_flops(std::int64_t iterations, float& sink, isa path = ac
       float acc[16];
       for (int k = 0; k < 16; ++k) acc[k] = sink + float(k);
       for (std::int64_t i = 0; i < iterations; ++i)
-        for (int k = 0; k < 16; ++k) acc[k] = std::fma(acc[k], 0.999999f, 1e-7f);
+        for (int k = 0; k < 16; ++k) acc[k] = acc[k] * 0.999999f + 1e-7f;  // as the scalar kernel computes
       for (int k = 0; k < 16; ++k) sink += acc[k];
       return 2.0 * 16 * double(iterations);
     }

@@ -3,12 +3,14 @@
 //
 // V provides (all static, always inline, usable only from functions with the same target):
 //   vec, lanes, pv_regs        vector type, floats per vector, accumulator vectors for P·V passes
+//   qkt_keys                   keys per register block when lanes run over query rows
 //   zero set1 load store add sub mul min max fma(a, b, c) = a * b + c
 //   reduce_add reduce_max      horizontal reductions
 //   round pow2i                nearest integer; 2^n for integral n in [-126, 127]
 //   select_less(x, b, t, f)    lane-wise x < b ? t : f
 //   hsum(acc, out)             out[j] = sum of the lanes of acc[j], j < lanes (a transposed reduction)
 //   convert(src, dst, n)       n stored elements (f32, f16, bf16) to f32
+//   load_stored(src)           one vector of stored elements, converted to f32
 #pragma once
 
 #include <Eigen/Core>
@@ -23,11 +25,12 @@
 #define KVATTN_UNROLL(n) KVATTN_PRAGMA(GCC unroll n)
 
 #if defined(KVATTN_ARCH_X86_64)
-// GCC 12 reports its own _mm512_undefined_* placeholders as maybe-uninitialized once inlined.
+// GCC 12 reports its own _mm512_undefined_* placeholders as (maybe-)uninitialized once inlined.
 #if defined(__clang__)
 #include <immintrin.h>
 #else
 #pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
@@ -42,6 +45,7 @@ struct V {
   using vec = __m512;
   static constexpr int lanes = 16;
   static constexpr int pv_regs = 16;
+  static constexpr int qkt_keys = 8;
   KVATTN_V vec zero() { return _mm512_setzero_ps(); }
   KVATTN_V vec set1(float x) { return _mm512_set1_ps(x); }
   KVATTN_V vec load(const float* p) { return _mm512_loadu_ps(p); }
@@ -75,6 +79,11 @@ struct V {
                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
     _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
                                         _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  KVATTN_V vec load_stored(const float* p) { return _mm512_loadu_ps(p); }
+  KVATTN_V vec load_stored(const Eigen::half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
   }
   KVATTN_V void convert(const float* s, float* d, int n) {
     int i = 0;
@@ -112,6 +121,7 @@ struct V {
   using vec = __m256;
   static constexpr int lanes = 8;
   static constexpr int pv_regs = 8;
+  static constexpr int qkt_keys = 4;
   KVATTN_V vec zero() { return _mm256_setzero_ps(); }
   KVATTN_V vec set1(float x) { return _mm256_set1_ps(x); }
   KVATTN_V vec load(const float* p) { return _mm256_loadu_ps(p); }
@@ -147,6 +157,11 @@ struct V {
     const vec u1 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
   }
+  KVATTN_V vec load_stored(const float* p) { return _mm256_loadu_ps(p); }
+  KVATTN_V vec load_stored(const Eigen::half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  }
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
@@ -174,6 +189,7 @@ struct V {
   using vec = float32x4_t;
   static constexpr int lanes = 4;
   static constexpr int pv_regs = 16;
+  static constexpr int qkt_keys = 8;
   KVATTN_V vec zero() { return vdupq_n_f32(0.f); }
   KVATTN_V vec set1(float x) { return vdupq_n_f32(x); }
   KVATTN_V vec load(const float* p) { return vld1q_f32(p); }
@@ -192,6 +208,11 @@ struct V {
   }
   KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return vbslq_f32(vcltq_f32(x, b), t, f); }
   KVATTN_V void hsum(const vec* a, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))); }
+  KVATTN_V vec load_stored(const float* p) { return vld1q_f32(p); }
+  KVATTN_V vec load_stored(const Eigen::half* p) { return vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(p))); }
+  KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), 16));
+  }
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
