@@ -11,9 +11,12 @@
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
 // forces one). Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
+//   Roofline/<D1..D5>/<dtype>/<isa>[/cold]/threads:<n>          the decode shapes, runtime dispatch
+//   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
 // Quick subset (~15-25 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2$'
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -222,6 +225,110 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   state.SetLabel("f32");
 }
 
+/// Restores the active ISA path when a benchmark that forced one ends.
+struct ForcedIsa {
+  kvattn::isa previous = kvattn::active_isa();
+  explicit ForcedIsa(kvattn::isa i) { kvattn::set_isa(i); }
+  ~ForcedIsa() { kvattn::set_isa(previous); }
+};
+
+/// Evicts the caches: writes then reads a buffer larger than any last-level cache we target.
+void evict_caches() {
+  static std::vector<float> junk(std::size_t{256} << 18);  // 256 MiB
+  for (std::size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.f;
+  benchmark::DoNotOptimize(junk.data());
+  benchmark::ClobberMemory();
+}
+
+/// Seconds `threads` threads take to stream `bytes` bytes that are not in any cache (median of 5).
+double cold_stream_seconds(std::int64_t bytes, int threads) {
+  std::vector<float> buf(static_cast<std::size_t>(bytes / 4), 1.f);
+  std::vector<double> times;
+  std::vector<float> sums(static_cast<std::size_t>(threads));
+  const std::int64_t n = static_cast<std::int64_t>(buf.size()), chunks = std::int64_t{threads} * 16;
+  const std::int64_t chunk = (n / chunks + 63) / 64 * 64;
+  for (int rep = 0; rep < 5; ++rep) {
+    evict_caches();
+    const auto t0 = std::chrono::steady_clock::now();
+    kvattn::kernels::parallel_for(chunks, threads, [&](std::int64_t c, int t) {
+      const std::int64_t begin = std::min(n, c * chunk), end = c + 1 == chunks ? n : std::min(n, begin + chunk);
+      sums[static_cast<std::size_t>(t)] += kvattn::kernels::stream_sum(buf.data() + begin, end - begin);
+    });
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    benchmark::DoNotOptimize(sums.data());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+/// The decode shapes D1..D5 (Hq 32, d 128) for every storage type, ISA path and thread
+/// count, through the runtime-dispatched API a default user calls (HeadShape, not a static layout).
+/// Cold runs evict the caches before every step, as a real model's next layer would.
+void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype, kvattn::isa path, bool cold) {
+  const int threads = static_cast<int>(state.range(0));
+  const ForcedIsa forced(path);
+  const std::int64_t kv_bytes = s.kv_bytes(kvattn::dtype_bytes(dtype));
+  Resident& r = resident("kvattn/" + s.key() + "/" + std::string(kvattn::dtype_name(dtype)));
+  if (!r.cache) r.cache = build_cache(s, dtype);
+  std::vector<kvattn::seq_id> ids(static_cast<std::size_t>(s.batch));
+  std::iota(ids.begin(), ids.end(), 0);
+  const std::vector<float> q = kvattn_bench::random_floats(ids.size() * q_heads * head_dim, 3);
+  std::vector<float> out(q.size());
+  kvattn::AttentionOptions opt;
+  opt.threads = threads;
+  auto step = [&] {
+    kvattn::decode(*r.cache, 0, ids, q.data(), out.data(), opt);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  };
+  Roofline roof(s, kv_bytes, threads);
+  double seconds = 0;
+  if (!cold) {
+    seconds = kvattn_bench::timed_loop(state, step);
+  } else {
+    roof.stream_s = cold_stream_seconds(kv_bytes, threads);
+    roof.floor_s = std::max(roof.stream_s, s.flops() / (roof.peak_gflops * 1e9));
+    std::vector<double> times;
+    for (auto _ : state) {
+      evict_caches();
+      const auto t0 = std::chrono::steady_clock::now();
+      step();
+      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      state.SetIterationTime(t);
+      times.push_back(t);
+    }
+    std::sort(times.begin(), times.end());
+    seconds = times[times.size() / 2];  // median: evictions make single steps noisy
+  }
+  set_counters(state, roof, kv_bytes, threads, seconds);
+  state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)));
+}
+
+void register_roofline() {
+  struct Named {
+    const char* id;
+    Shape shape;
+    bool cold;
+  };
+  const Named shapes[] = {{"D1", {"MHA-32x32", 32, 4096, 1}, true},  {"D2", {"GQA-32x8", 8, 4096, 1}, false},
+                          {"D3", {"MQA-32x1", 1, 4096, 1}, false},   {"D4", {"GQA-32x8", 8, 32768, 1}, true},
+                          {"D5", {"GQA-32x8", 8, 1024, 16}, false}};
+  for (const Named& n : shapes) {
+    for (kvattn::kv_dtype dtype : {kvattn::kv_dtype::f16, kvattn::kv_dtype::bf16, kvattn::kv_dtype::f32})
+      for (kvattn::isa path : kvattn::supported_isas())
+        for (bool cold : {false, true}) {
+          if (cold && !n.cold) continue;
+          const std::string name = std::string("Roofline/") + n.id + "/" + std::string(kvattn::dtype_name(dtype)) + "/" +
+                                   std::string(kvattn::isa_name(path)) + (cold ? "/cold" : "");
+          auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, cold);
+          b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+          if (cold) b->UseManualTime()->Iterations(20);
+        }
+    benchmark::RegisterBenchmark((std::string("RooflineEigenNaive/") + n.id).c_str(), BM_DecodeEigenNaive, n.shape)
+        ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+  }
+}
+
 template <int KvHeads>
 void register_design(const std::string& design) {
   for (std::int64_t tokens : {1024, 4096, 16384, 32768})
@@ -255,5 +362,6 @@ int main(int argc, char** argv) {
   register_design<32>("MHA-32x32");
   register_design<8>("GQA-32x8");
   register_design<1>("MQA-32x1");
+  register_roofline();
   return kvattn_bench::run_main(static_cast<int>(args.size()), args.data());
 }

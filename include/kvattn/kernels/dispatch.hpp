@@ -12,6 +12,13 @@
 #include "kvattn/simd/vec.hpp"
 
 #if defined(KVATTN_ARCH_X86_64)
+// GCC 12 flags the _mm512_undefined_* placeholders inside its own intrinsics as uninitialized once
+// they are inlined here (GCC bug 105593); the warning is about GCC's headers, not this code.
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace kvattn::kernels::avx512 {
 using V = simd::avx512::V;
 #define KVATTN_TARGET KVATTN_TARGET_AVX512
@@ -25,6 +32,9 @@ using V = simd::avx2::V;
 #include "kvattn/kernels/attend_simd-inl.hpp"
 #undef KVATTN_TARGET
 }  // namespace kvattn::kernels::avx2
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 #if defined(KVATTN_ARCH_AARCH64)

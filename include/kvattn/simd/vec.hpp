@@ -36,6 +36,12 @@
 #pragma GCC diagnostic pop
 #endif
 
+#if !defined(__clang__)  // GCC bug 105593, see kernels/dispatch.hpp
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #define KVATTN_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KVATTN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
@@ -178,6 +184,9 @@ struct V {
 };
 #undef KVATTN_V
 }  // namespace kvattn::simd::avx2
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif  // KVATTN_ARCH_X86_64
 
 #if defined(KVATTN_ARCH_AARCH64)
