@@ -144,6 +144,20 @@ void build_eigen(Resident& r, const Shape& s) {
     }
 }
 
+/// One decode step's arguments: sequences 0..B-1, random queries, the thread count.
+struct DecodeInputs {
+  std::vector<kvattn::seq_id> ids;
+  std::vector<float> q, out;
+  kvattn::AttentionOptions opt;
+  DecodeInputs(const Shape& s, int threads)
+      : ids(static_cast<std::size_t>(s.batch)),
+        q(kvattn_bench::random_floats(static_cast<std::size_t>(s.batch) * q_heads * head_dim, 3)),
+        out(q.size()) {
+    std::iota(ids.begin(), ids.end(), 0);
+    opt.threads = threads;
+  }
+};
+
 /// The machine limits for a shape, measured before its timed loop (once per bytes and thread count).
 struct Roofline {
   double stream_s, peak_gflops, floor_s;  // floor_s = max(stream time, FLOPs at peak)
@@ -177,18 +191,13 @@ void BM_Decode(benchmark::State& state, const Shape& s) {
   if (over_limit(state, "kvattn", kv_bytes, kvattn_limit)) return;
   Resident& r = resident("kvattn/" + s.key());
   if (!r.cache) r.cache = build_cache(s, storage_dtype);
-  std::vector<kvattn::seq_id> ids(static_cast<std::size_t>(s.batch));
-  std::iota(ids.begin(), ids.end(), 0);
-  const std::vector<float> q = kvattn_bench::random_floats(ids.size() * q_heads * head_dim, 3);
-  std::vector<float> out(q.size());
-  kvattn::AttentionOptions opt;
-  opt.threads = threads;
+  DecodeInputs in(s, threads);
   const Roofline roof(s, kv_bytes, threads);
 
   const double seconds = kvattn_bench::timed_loop(state, [&] {
     // Static layout: the kernel is specialized on group size and head dim, as a user would do.
-    kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, ids, q.data(), out.data(), opt);
-    benchmark::DoNotOptimize(out.data());
+    kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
+    benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   });
   set_counters(state, roof, kv_bytes, threads, seconds);
@@ -270,15 +279,10 @@ void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype
   const std::int64_t kv_bytes = s.kv_bytes(kvattn::dtype_bytes(dtype));
   Resident& r = resident("kvattn/" + s.key() + "/" + std::string(kvattn::dtype_name(dtype)));
   if (!r.cache) r.cache = build_cache(s, dtype);
-  std::vector<kvattn::seq_id> ids(static_cast<std::size_t>(s.batch));
-  std::iota(ids.begin(), ids.end(), 0);
-  const std::vector<float> q = kvattn_bench::random_floats(ids.size() * q_heads * head_dim, 3);
-  std::vector<float> out(q.size());
-  kvattn::AttentionOptions opt;
-  opt.threads = threads;
+  DecodeInputs in(s, threads);
   auto step = [&] {
-    kvattn::decode(*r.cache, 0, ids, q.data(), out.data(), opt);
-    benchmark::DoNotOptimize(out.data());
+    kvattn::decode(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
+    benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   };
   Roofline roof(s, kv_bytes, threads);
