@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -19,11 +20,13 @@
 namespace kvattn_bench {
 
 /// Peak f32 FMA rate of `threads` threads in GFLOP/s (each thread runs its own register-resident
-/// FMA chains), measured once per thread count. Many ~1 ms runs, best kept: on a shared machine
+/// FMA chains), measured once per thread count and ISA path. Many ~1 ms runs, best kept: on a shared machine
 /// some run of all threads soon fits between other processes' time slices.
 inline double peak_gflops(int threads) {
-  static std::map<int, double> memo;
-  if (auto it = memo.find(threads); it != memo.end()) return it->second;
+  // Per ISA path too: benchmarks force paths (Roofline/...), and each path has its own peak.
+  static std::map<std::pair<int, kvattn::isa>, double> memo;
+  const auto key = std::make_pair(threads, kvattn::active_isa());
+  if (auto it = memo.find(key); it != memo.end()) return it->second;
   constexpr std::int64_t iterations = std::int64_t{1} << 18;
   double flops = 0;
   const double s = best_seconds(25, [&] {
@@ -34,16 +37,16 @@ inline double peak_gflops(int threads) {
       benchmark::DoNotOptimize(sink);
     });
   });
-  return memo.emplace(threads, flops * threads / s * 1e-9).first->second;
+  return memo.emplace(key, flops * threads / s * 1e-9).first->second;
 }
 
-/// Seconds `threads` threads take to read `bytes` bytes (best of many short runs), measured once
+/// Seconds `threads` threads take to read `bytes` bytes (best of many short runs), measured once per ISA path and
 /// per (bytes, threads). Like the kernel it is compared with, it reads the same buffer over and
 /// over, so small sizes run from cache. Past the last-level cache, bandwidth no longer depends on
 /// size, so at most 256 MiB (past common last-level caches) is read and the time is scaled to `bytes`.
 inline double stream_seconds(std::int64_t bytes, int threads) {
-  static std::map<std::pair<std::int64_t, int>, double> memo;
-  const auto key = std::make_pair(bytes, threads);
+  static std::map<std::tuple<std::int64_t, int, kvattn::isa>, double> memo;
+  const auto key = std::make_tuple(bytes, threads, kvattn::active_isa());
   if (auto it = memo.find(key); it != memo.end()) return it->second;
 
   const std::int64_t n = std::max<std::int64_t>(64, std::min<std::int64_t>(bytes, 256 << 20) / 4);  // floats

@@ -115,13 +115,6 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, int ps
   for (int k = 0; k < NV; ++k) V::store(o + k * L, acc[k]);
 }
 
-/// Runtime-width pass: picks pv_pass<nv> for nv in [1, V::pv_regs).
-template <int... NV>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, const float* p, int ps,
-                                                   vec alpha, const float* vb, int dp, int n) {
-  ((nv == NV + 1 ? pv_pass<NV + 1>(o, p, ps, alpha, vb, dp, n) : void()), ...);
-}
-
 /// o = o * alpha + sum_{j < n} p[j * ps] v_j over a whole row, in passes of up to V::pv_regs vectors.
 template <int SD>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps, float alpha, const float* vb, int dp, int n) {
@@ -132,10 +125,12 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps,
     for (int k = 0; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, SD, n);
     if constexpr (nv % R != 0) pv_pass<nv % R>(o + nv / R * R * L, p, ps, a, vb + nv / R * R * L, SD, n);
   } else {
+    // Runtime width: whole passes, then 4 and 1 vectors at a time (few instantiations: compile time).
     const int nv = dp / L;
     int k = 0;
     for (; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, dp, n);
-    if (k < nv) pv_pass_n(std::make_integer_sequence<int, R - 1>{}, nv - k, o + k * L, p, ps, a, vb + k * L, dp, n);
+    for (; k + 4 <= nv; k += 4) pv_pass<4>(o + k * L, p, ps, a, vb + k * L, dp, n);
+    for (; k < nv; ++k) pv_pass<1>(o + k * L, p, ps, a, vb + k * L, dp, n);
   }
 }
 
@@ -145,7 +140,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps,
 /// rows instead, so the scores of 16 rows come out of plain FMAs and the softmax is vectorized
 /// across rows. Both keep the online-softmax state in base 2 (queries are pre-scaled by log2 e).
 template <int StaticGroup, int StaticDim>
-KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
+__attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
   constexpr int KT = key_tile_simd;
   constexpr int SD = StaticDim == dynamic ? dynamic : (StaticDim + L - 1) / L * L;
   const int group = StaticGroup != dynamic ? StaticGroup : t.group;
@@ -299,15 +294,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   }
 }
 
-template <int R, kv_dtype Dtype, int... NV>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_n(std::integer_sequence<int, NV...>, int nv, float* o, int d,
-                                                         const float* alpha, const float* p,
-                                                         const typename storage<Dtype>::type* const* vr, int c0, int n) {
-  ((nv == NV + 1 ? direct_pv_pass<R, NV + 1, Dtype>(o, d, alpha, p, vr, c0, n) : void()), ...);
-}
-
 template <int R, int SD, kv_dtype Dtype>
-KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
+__attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
   using T = typename storage<Dtype>::type;
   constexpr int KT = key_tile_simd;
   constexpr int KB = L / R;              // keys per hsum block
@@ -395,8 +383,9 @@ KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d
     const int nv = d / L;
     int k = 0;
     for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
-    if (k < nv)
-      direct_pv_pass_n<R, Dtype>(std::make_integer_sequence<int, NVP - 1>{}, nv - k, o + k * L, d, alpha, s, vr, k * L, n_used);
+    if constexpr (NVP > 4)
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
+    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
   }
   for (int r = 0; r < R; ++r) {
     SoftmaxState& st = t.states[r];
@@ -422,7 +411,10 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
     if constexpr (StaticGroup == dynamic || StaticGroup <= 4)
       if (rows == 4) return attend_rows_direct<4, SD, Dtype>(t, scratch, d);
   }
-  attend_tile<StaticGroup, StaticDim>(t, scratch);
+  // The buffered kernel is the decode kernel for groups of 8 and 16 (specialized); for smaller
+  // groups it only serves prefill chunks, where the group size buys nothing: one instance for all.
+  constexpr int BufferedGroup = StaticGroup == 8 || StaticGroup == 16 ? StaticGroup : dynamic;
+  attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
@@ -441,19 +433,23 @@ KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   return r;
 }
 
-/// Runs `iterations` x 16 independent register-resident FMA chains of one vector each and returns
-/// a value depending on all of them. FLOPs = iterations x 16 x 2 x lanes: the peak FMA rate.
+/// Number of independent FMA chains the peak probe runs: half the registers, so none spill.
+inline constexpr int fma_peak_chains = V::registers / 2;
+
+/// Runs `iterations` x fma_peak_chains independent register-resident FMA chains of one vector each
+/// and returns a value depending on all of them. FLOPs = iterations x chains x 2 x lanes.
 KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
-  vec acc[16];
+  constexpr int C = fma_peak_chains;
+  vec acc[C];
   KVATTN_UNROLL(16)
-  for (int k = 0; k < 16; ++k) acc[k] = V::set1(seed + static_cast<float>(k));
+  for (int k = 0; k < C; ++k) acc[k] = V::set1(seed + static_cast<float>(k));
   const vec m = V::set1(0.999999f), b = V::set1(1e-7f);
   for (std::int64_t i = 0; i < iterations; ++i) {
     KVATTN_UNROLL(16)
-    for (int k = 0; k < 16; ++k) acc[k] = V::fma(acc[k], m, b);
+    for (int k = 0; k < C; ++k) acc[k] = V::fma(acc[k], m, b);
   }
   vec r = V::zero();
-  for (int k = 0; k < 16; ++k) r = V::add(r, acc[k]);
+  for (int k = 0; k < C; ++k) r = V::add(r, acc[k]);
   return V::reduce_add(r);
 }
 

@@ -162,16 +162,16 @@ inline void exp2_array(const float* x, float* y, std::int64_t n, isa path = acti
   }
 }
 
-/// Compute probe: iterations x 16 independent FMA vectors on the active path. Returns the FLOPs
-/// done (2 x lanes x 16 x iterations); `sink` receives a value depending on the work.
+/// Compute probe: iterations x (registers / 2) independent FMA vectors on the active path. Returns
+/// the FLOPs done (2 x lanes x chains x iterations); `sink` receives a value depending on the work.
 inline double fma_peak_flops(std::int64_t iterations, float& sink, isa path = active_isa()) {
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
-    case isa::avx512: sink = avx512::fma_peak_loop(iterations, sink); return 2.0 * 16 * 16 * double(iterations);
-    case isa::avx2: sink = avx2::fma_peak_loop(iterations, sink); return 2.0 * 8 * 16 * double(iterations);
+    case isa::avx512: sink = avx512::fma_peak_loop(iterations, sink); return 2.0 * 16 * avx512::fma_peak_chains * double(iterations);
+    case isa::avx2: sink = avx2::fma_peak_loop(iterations, sink); return 2.0 * 8 * avx2::fma_peak_chains * double(iterations);
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
-    case isa::neon: sink = neon::fma_peak_loop(iterations, sink); return 2.0 * 4 * 16 * double(iterations);
+    case isa::neon: sink = neon::fma_peak_loop(iterations, sink); return 2.0 * 4 * neon::fma_peak_chains * double(iterations);
 #endif
     default: {
       float acc[16];

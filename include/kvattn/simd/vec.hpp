@@ -2,7 +2,8 @@
 // target attribute so that every path exists in every x86-64 build regardless of -m flags.
 //
 // V provides (all static, always inline, usable only from functions with the same target):
-//   vec, lanes, pv_regs        vector type, floats per vector, accumulator vectors for P·V passes
+//   vec, lanes, registers      vector type, floats per vector, vector registers of the ISA
+//   pv_regs                    accumulator vectors for P·V passes
 //   qkt_keys                   keys per register block when lanes run over query rows
 //   zero set1 load store add sub mul min max fma(a, b, c) = a * b + c
 //   reduce_add reduce_max      horizontal reductions
@@ -50,6 +51,7 @@ namespace kvattn::simd::avx512 {
 struct V {
   using vec = __m512;
   static constexpr int lanes = 16;
+  static constexpr int registers = 32;
   static constexpr int pv_regs = 16;
   static constexpr int qkt_keys = 8;
   KVATTN_V vec zero() { return _mm512_setzero_ps(); }
@@ -126,6 +128,7 @@ namespace kvattn::simd::avx2 {
 struct V {
   using vec = __m256;
   static constexpr int lanes = 8;
+  static constexpr int registers = 16;
   static constexpr int pv_regs = 8;
   static constexpr int qkt_keys = 4;
   KVATTN_V vec zero() { return _mm256_setzero_ps(); }
@@ -197,6 +200,7 @@ namespace kvattn::simd::neon {
 struct V {
   using vec = float32x4_t;
   static constexpr int lanes = 4;
+  static constexpr int registers = 32;
   static constexpr int pv_regs = 16;
   static constexpr int qkt_keys = 8;
   KVATTN_V vec zero() { return vdupq_n_f32(0.f); }
