@@ -115,7 +115,7 @@ int main() {
     y.resize(x.size());
     model.forward(cache, seqs, one_each, x.data(), y.data());
     ok &= all_finite(y);
-    char label[16];
+    char label[32];
     std::snprintf(label, sizeof label, "decode %d", step);
     report(label, seqs);
     if (step == 2) {

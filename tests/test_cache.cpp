@@ -202,6 +202,23 @@ TEST(KvCache, ForkSharesBlocksAndCopiesOnWrite) {
   EXPECT_EQ(cache.blocks_in_use(), 0);
 }
 
+TEST(KvCache, BatchExtendOfForksCopiesSharedBlocksOnce) {
+  // Two sequences share one partial block; extending both in one batch copies it for the first and
+  // lets the second write in place: 2 blocks in use, not 3, and a pool of 2 suffices.
+  std::mt19937_64 rng(9);
+  KvCache<PagedLayout> cache(small_config(kv_dtype::f32), PagedLayout{16, 2});
+  cache.add_sequence(1);
+  append_random(cache, 1, 1, rng);
+  cache.fork_sequence(1, 2);
+  const std::vector<seq_id> ids{1, 2};
+  cache.extend(ids, std::vector<std::int64_t>{1, 1});
+  EXPECT_EQ(cache.blocks_in_use(), 2);
+  cache.remove_sequence(1);
+  cache.remove_sequence(2);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+  EXPECT_EQ(cache.free_blocks(), 2);
+}
+
 TEST(KvCache, ConsumerLayersWriteNothing) {
   KvCache<PagedLayout> cache(small_config());
   cache.add_sequence(1);

@@ -68,11 +68,11 @@ class KvCache {
   void add_sequence(seq_id id) {
     if (seqs_.contains(id)) detail::fail<sequence_error>("sequence ", id, " already exists");
     const std::int64_t n = layout_.blocks_on_add();
-    std::vector<std::byte*> blocks = acquire_blocks(n, detail::message("sequence ", id));
+    Acquired acquired = acquire_blocks(n, detail::message("sequence ", id));
     try {
-      seqs_.try_emplace(id).first->second.blocks = std::move(blocks);
+      seqs_.try_emplace(id).first->second.blocks = std::move(acquired.blocks);
     } catch (...) {
-      for (std::byte* b : blocks) release_block(b);
+      undo_acquire(acquired);  // try_emplace threw before the move: the blocks are still there
       throw;
     }
   }
@@ -126,6 +126,9 @@ class KvCache {
     std::vector<Plan> plans;
     plans.reserve(ids.size());
     std::unordered_set<seq_id> seen;
+    // References that earlier sequences of this batch will drop by copying a shared block: a block
+    // shared only by sequences of the batch is copied by all but the last of them.
+    std::unordered_map<std::byte*, std::int32_t> dropped;
     std::int64_t needed = 0;
     for (std::size_t i = 0; i < ids.size(); ++i) {
       Sequence& s = find(ids[i])->second;
@@ -142,19 +145,24 @@ class KvCache {
       if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
         p.first_cow = s.length / layout_.block_tokens();
         p.last_cow = std::min(have, want);
-        while (p.first_cow < p.last_cow && !is_shared(s.blocks[static_cast<std::size_t>(p.first_cow)])) ++p.first_cow;
-        for (std::int64_t b = p.first_cow; b < p.last_cow; ++b)
-          if (is_shared(s.blocks[static_cast<std::size_t>(b)])) ++needed;
+        for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
+          std::byte* block = s.blocks[static_cast<std::size_t>(b)];
+          if (refcount_.find(block)->second - dropped[block] > 1) {  // same test as the commit below
+            ++dropped[block];
+            ++needed;
+          }
+        }
       }
       needed += p.new_blocks;
       plans.push_back(p);
     }
-    std::vector<std::byte*> fresh = acquire_blocks(
+    const Acquired acquired = acquire_blocks(
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
+    const std::vector<std::byte*>& fresh = acquired.blocks;
     try {
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
     } catch (...) {
-      for (std::byte* b : fresh) release_block(b);
+      undo_acquire(acquired);
       throw;
     }
     // Commit: nothing below throws.
@@ -209,8 +217,8 @@ class KvCache {
     if (n < 0) detail::fail<shape_error>("append ", n, " tokens to sequence ", id, ": must be >= 0");
     if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>("append: null K or V pointer");
     const std::int64_t pos = s.length;
-    extend(id, n);
     const std::int64_t slot_floats = checked_product("append size", n, config_.heads().kv_heads(), config_.heads().head_dim());
+    extend(id, n);
     for (int slot = 0; slot < config_.n_kv_layers(); ++slot)
       write(id, config_.layers().producer_of_slot(slot), pos, n, k + slot * slot_floats, v + slot * slot_floats);
   }
@@ -343,9 +351,15 @@ class KvCache {
 
   bool is_shared(std::byte* block) const { return refcount_.find(block)->second > 1; }
 
+  /// Blocks taken by acquire_blocks: the first `from_free` came from the free list.
+  struct Acquired {
+    std::vector<std::byte*> blocks;
+    std::size_t from_free = 0;
+  };
+
   /// Takes n blocks (free list first, then the resource) with refcount 1, or throws pool_exhausted
   /// leaving everything as it was.
-  std::vector<std::byte*> acquire_blocks(std::int64_t n, const std::string& for_what) {
+  Acquired acquire_blocks(std::int64_t n, const std::string& for_what) {
     if (n == 0) return {};
     const std::int64_t in_use = blocks_in_use();
     if (layout_.max_blocks() != unlimited && n > layout_.max_blocks() - in_use)
@@ -374,7 +388,19 @@ class KvCache {
       }
     }
     free_.resize(free_.size() - from_free);
-    return out;
+    return {std::move(out), from_free};
+  }
+
+  /// Undoes acquire_blocks exactly: free-list blocks go back to the free list (capacity is reserved),
+  /// the others back to the memory resource. Never throws.
+  void undo_acquire(const Acquired& a) noexcept {
+    for (std::size_t i = a.blocks.size(); i-- > 0;) {  // reverse: restores the free list's order
+      refcount_.erase(a.blocks[i]);
+      if (i < a.from_free)
+        free_.push_back(a.blocks[i]);
+      else
+        resource_->deallocate(a.blocks[i], static_cast<std::size_t>(block_bytes_), block_alignment);
+    }
   }
 
   /// Drops one reference; the last one sends the block to the free list or the resource. Never throws.
