@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -39,7 +40,17 @@ struct AttentionProblem {
 struct SplitRules {
   int query_tile_tokens = 16;          ///< query tokens per work item
   int split_max_query_tokens = 4;      ///< sequences with at most this many queries are split along keys
-  std::int64_t split_chunk_keys = 1024;  ///< keys per split-K chunk
+  std::int64_t min_chunk_keys = 256;   ///< split-K chunks: about an eighth of the sequence,
+  std::int64_t max_chunk_keys = 1024;  ///< a power of two clamped to [min, max] keys
+
+  /// Keys per split-K chunk of a sequence of `length` keys: a function of the length only.
+  std::int64_t chunk_keys(std::int64_t length) const {
+    return std::clamp<std::int64_t>(static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(ceil_div(length, 8)))),
+                                    min_chunk_keys, max_chunk_keys);
+  }
+  /// Split only when the batch has fewer (sequence, KV head, query tile) units than this, i.e. too
+  /// few to keep many threads busy: a data property, never the thread count.
+  std::int64_t split_below_units = 64;
 };
 
 struct WorkItem {
@@ -70,10 +81,15 @@ struct AttentionPlan {
 inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules& rules = {}) {
   AttentionPlan plan;
   const int group = pb.q_heads / pb.slot.kv_heads;
+  std::int64_t units = 0;
+  for (std::size_t b = 0; b < pb.seqs.size(); ++b)
+    units += pb.slot.kv_heads * ceil_div(pb.q_offsets[b + 1] - pb.q_offsets[b], rules.query_tile_tokens);
+  const bool few_units = units < rules.split_below_units;
   for (std::size_t b = 0; b < pb.seqs.size(); ++b) {
     const std::int64_t n = pb.q_offsets[b + 1] - pb.q_offsets[b];
     const std::int64_t length = pb.seqs[b].length;
-    const bool split = n <= rules.split_max_query_tokens && length > rules.split_chunk_keys;
+    const std::int64_t chunk_keys = rules.chunk_keys(length);
+    const bool split = few_units && n <= rules.split_max_query_tokens && length > chunk_keys;
     for (int h = 0; h < pb.slot.kv_heads; ++h)
       for (std::int64_t t0 = 0; t0 < n; t0 += rules.query_tile_tokens) {
         const int nt = static_cast<int>(std::min<std::int64_t>(rules.query_tile_tokens, n - t0));
@@ -83,11 +99,11 @@ inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules
           plan.items.push_back({static_cast<std::int64_t>(b), h, t0, nt, 0, keys, -1});
           continue;
         }
-        const std::int64_t chunks = ceil_div(keys, rules.split_chunk_keys);
+        const std::int64_t chunks = ceil_div(keys, chunk_keys);
         plan.merges.push_back({static_cast<std::int64_t>(b), h, t0, nt, plan.partials, chunks});
         for (std::int64_t c = 0; c < chunks; ++c)
-          plan.items.push_back({static_cast<std::int64_t>(b), h, t0, nt, c * rules.split_chunk_keys,
-                                std::min(keys, (c + 1) * rules.split_chunk_keys), plan.partials++});
+          plan.items.push_back({static_cast<std::int64_t>(b), h, t0, nt, c * chunk_keys,
+                                std::min(keys, (c + 1) * chunk_keys), plan.partials++});
       }
   }
   // Longest key ranges first, so ragged batches balance under dynamic scheduling.
