@@ -42,6 +42,13 @@ struct AttendTile {
   SoftmaxState* states;             ///< n_tokens x group states
   float* acc;                       ///< n_tokens x group x d unnormalized outputs
   TileLoader load = nullptr;        ///< row converter of vectorized kernels
+
+  /// End of the keys the tile attends to: its key range cut where its last token stops seeing.
+  std::int64_t keys_end() const { return std::min(key_end, visible_end0 + (n_tokens - 1) * visible_step); }
+  /// How many of the keys [k0, k0 + n) token i of the tile sees, in [0, n].
+  int visible_keys(int token, std::int64_t k0, int n) const {
+    return static_cast<int>(std::clamp<std::int64_t>(visible_end0 + token * visible_step - k0, 0, n));
+  }
 };
 
 /// A tile kernel: `run` computes a tile's states and accumulators; `load` is its row converter.
@@ -84,9 +91,7 @@ void attend_tile_portable(const AttendTile& t, float* scratch) {
     std::fill_n(t.acc + std::int64_t{r} * d, d, 0.f);
   }
 
-  // Keys past what the last query token sees are skipped.
-  const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
-  const std::int64_t key_end = std::min(t.key_end, last_visible);
+  const std::int64_t key_end = t.keys_end();  // keys past what the last query token sees are skipped
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += key_tile) {
     const int n = static_cast<int>(std::min<std::int64_t>(key_tile, key_end - k0));
     for (int j = 0; j < n; ++j) {

@@ -135,6 +135,39 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps,
   }
 }
 
+/// One row's online-softmax step over a tile: masks scores s[limit..KT) to -inf, updates the running
+/// max m and sum l (base 2), writes exp2(s - max) to p (may equal s) and returns the rescale of the
+/// row's earlier output. limit must be >= 1.
+KVATTN_ALWAYS_INLINE KVATTN_TARGET float softmax_row(float* s, int limit, float* p, float& m, float& l) {
+  for (int j = limit; j < key_tile_simd; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  vec mv = V::load(s);
+  for (int j = L; j < key_tile_simd; j += L) mv = V::max(mv, V::load(s + j));
+  const float m_new = std::fmax(m, V::reduce_max(mv));
+  const float alpha = m_new == m ? 1.f : std::exp2(m - m_new);
+  const vec mb = V::set1(m_new);
+  vec sum = V::zero();
+  for (int j = 0; j < key_tile_simd; j += L) {
+    const vec e = exp2v(V::sub(V::load(s + j), mb));
+    V::store(p + j, e);
+    sum = V::add(sum, e);
+  }
+  l = l * alpha + V::reduce_add(sum);
+  m = m_new;
+  return alpha;
+}
+
+/// Hands the rows' results to the caller: states in natural-log units (as SoftmaxState::merge
+/// expects; a row that saw nothing stays empty) and unnormalized outputs, o_stride floats apart.
+KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float* m, const float* l, const float* o,
+                                      int o_stride, int d) {
+  constexpr float ln2 = 0.69314718055994530942f;
+  for (int r = 0; r < rows; ++r) {
+    t.states[r].sum = l[r];
+    t.states[r].max = l[r] > 0.f ? m[r] * ln2 : -std::numeric_limits<float>::infinity();
+    std::copy_n(o + std::int64_t{r} * o_stride, d, t.acc + std::int64_t{r} * d);
+  }
+}
+
 /// The tile kernel (kernels::TileKernel::run). StaticGroup / StaticDim: compile-time shape or `dynamic`.
 /// Few query rows (decode with a small group): each row takes its dot products with the keys in
 /// lanes and one transposed horizontal sum. Many rows (MQA, large groups, prefill): lanes run over
@@ -150,7 +183,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
   const int rows = t.n_tokens * group;
   const int rp = (rows + L - 1) / L * L;
   const bool by_rows = rows >= 2 * L;
-  constexpr float log2e = 1.44269504088896340736f, ln2 = 0.69314718055994530942f;
+  constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
   float* qs = scratch;           // rows x dp, or transposed dp x rp: q * scale * log2(e)
@@ -188,14 +221,13 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
   std::fill_n(lrow, rp, 0.f);
   std::fill_n(lim, rp, 0.f);
 
-  const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
-  const std::int64_t key_end = std::min(t.key_end, last_visible);
+  const std::int64_t key_end = t.keys_end();
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
     t.load(t, k0, n, false, kb, dp);
     // Keys of this tile row r sees; rows of one token share it. Row 0 sees the fewest.
     for (int r = 0; r < rows; ++r)
-      lim[r] = static_cast<float>(std::clamp<std::int64_t>(t.visible_end0 + (r / group) * t.visible_step - k0, 0, n));
+      lim[r] = static_cast<float>(t.visible_keys(r / group, k0, n));
     const bool full = lim[0] == static_cast<float>(KT);
     if (by_rows) {
       qk_rows<SD>(qs, rp, kb, dp, p);
@@ -231,21 +263,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
         const int limit = static_cast<int>(lim[r]);
         if (limit == 0) continue;
         qk_tile<SD>(qs + r * dp, kb, dp, s);
-        for (int j = limit; j < KT; ++j) s[j] = neg_inf;
-        vec m = V::load(s);
-        for (int j = L; j < KT; j += L) m = V::max(m, V::load(s + j));
-        const float m_new = std::fmax(mrow[r], V::reduce_max(m));
-        const float a = m_new == mrow[r] ? 1.f : std::exp2(mrow[r] - m_new);
-        const vec mv = V::set1(m_new);
-        vec sum = V::zero();
-        for (int j = 0; j < KT; j += L) {
-          const vec e = exp2v(V::sub(V::load(s + j), mv));
-          V::store(p + r * KT + j, e);
-          sum = V::add(sum, e);
-        }
-        lrow[r] = lrow[r] * a + V::reduce_add(sum);
-        mrow[r] = m_new;
-        alpha[r] = a;
+        alpha[r] = softmax_row(s, limit, p + r * KT, mrow[r], lrow[r]);
       }
     }
     if (lim[rows - 1] == 0.f) continue;  // the last row sees the most: no row saw a key
@@ -255,12 +273,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
       if (limit > 0) pv_row<SD>(o + r * dp, p + r * (by_rows ? 1 : KT), ps, alpha[r], vb, dp, limit);
     }
   }
-  for (int r = 0; r < rows; ++r) {
-    SoftmaxState& st = t.states[r];
-    st.sum = lrow[r];
-    st.max = lrow[r] > 0.f ? mrow[r] * ln2 : neg_inf;  // natural-log units, as SoftmaxState::merge expects
-    std::copy_n(o + r * dp, d, t.acc + std::int64_t{r} * d);
-  }
+  finish_rows(t, rows, mrow, lrow, o, dp, d);
 }
 
 /// Direct kernel for at most 4 query rows (decode with group size 1, 2 or 4): K and V rows are
@@ -301,7 +314,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   constexpr int KT = key_tile_simd;
   constexpr int KB = L / R;              // keys per hsum block
   constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
-  constexpr float log2e = 1.44269504088896340736f, ln2 = 0.69314718055994530942f;
+  constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const int d = SD != dynamic ? SD : d_runtime;
   const int group = t.group;
@@ -318,8 +331,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l[r] = 0.f;
   }
   std::fill_n(o, R * d, 0.f);
-  const std::int64_t last_visible = t.visible_end0 + (t.n_tokens - 1) * t.visible_step;
-  const std::int64_t key_end = std::min(t.key_end, last_visible);
+  const std::int64_t key_end = t.keys_end();
   const T* kr[KT];
   const T* vr[KT];
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
@@ -354,28 +366,15 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     }
     bool any = false;
     for (int r = 0; r < R; ++r) {
-      limit[r] = static_cast<int>(std::clamp<std::int64_t>(t.visible_end0 + (r / group) * t.visible_step - k0, 0, n));
+      limit[r] = t.visible_keys(r / group, k0, n);
       float* sr = s + r * KT;
-      for (int j = limit[r]; j < KT; ++j) sr[j] = neg_inf;
       alpha[r] = 1.f;
       if (limit[r] == 0) {  // nothing visible: zero weights for the P·V pass of the other rows
         std::fill_n(sr, KT, 0.f);
         continue;
       }
       any = true;
-      vec mv = V::load(sr);
-      for (int j = L; j < KT; j += L) mv = V::max(mv, V::load(sr + j));
-      const float m_new = std::fmax(m[r], V::reduce_max(mv));
-      alpha[r] = m_new == m[r] ? 1.f : std::exp2(m[r] - m_new);
-      const vec mb = V::set1(m_new);
-      vec sum = V::zero();
-      for (int j = 0; j < KT; j += L) {
-        const vec e = exp2v(V::sub(V::load(sr + j), mb));
-        V::store(sr + j, e);
-        sum = V::add(sum, e);
-      }
-      l[r] = l[r] * alpha[r] + V::reduce_add(sum);
-      m[r] = m_new;
+      alpha[r] = softmax_row(sr, limit[r], sr, m[r], l[r]);
     }
     if (!any) continue;
     // Rows of one step see the same keys in decode; with several tokens, masked p are 0.
@@ -388,12 +387,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
       for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
     for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
   }
-  for (int r = 0; r < R; ++r) {
-    SoftmaxState& st = t.states[r];
-    st.sum = l[r];
-    st.max = l[r] > 0.f ? m[r] * ln2 : neg_inf;
-    std::copy_n(o + r * d, d, t.acc + std::int64_t{r} * d);
-  }
+  finish_rows(t, R, m, l, o, d, d);
 }
 
 /// Tile kernel with the storage type known at compile time: few rows take the direct kernel,
