@@ -35,22 +35,12 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   for (int j = 0; j < n; ++j, rows.next()) V::convert(reinterpret_cast<const T*>(rows.row()), dst + j * dp, d);
 }
 
-/// How many key tiles ahead the direct kernel prefetches K/V (into L2). Measured on a Zen 4 (2
-/// threads): it helps MHA decode (D1 about 15% faster) and f32 GQA (D2 f32 1.4 ms instead of 2.0);
-/// for 16-bit GQA the extra load-port traffic costs more than it hides (D4 f16 30% slower), so only
-/// one row per tile or f32 rows prefetch.
-inline constexpr int prefetch_tiles_ahead = 4;
-
-/// Asks for the K and V rows [k0, k0 + n) of the tile's KV head, so the next tile's memory latency
-/// overlaps this tile's arithmetic (the hardware prefetcher alone stalls at every tile start).
-KVATTN_ALWAYS_INLINE void prefetch_rows(const AttendTile& t, std::int64_t k0, int n) {
-  const std::int64_t bytes = t.slot->row_bytes;
-  KvRowCursor k(*t.slot, t.seq, t.kv_head, k0, false), v(*t.slot, t.seq, t.kv_head, k0, true);
-  for (int j = 0; j < n; ++j, k.next(), v.next())
-    for (std::int64_t b = 0; b < bytes; b += 64) {
-      __builtin_prefetch(k.row() + b, 0, 2);
-      __builtin_prefetch(v.row() + b, 0, 2);
-    }
+/// Asks for the bytes of rows[j0 .. j1) to be brought into the caches (L2 and closer), so that the
+/// memory latency of the direct kernel's next tile overlaps this tile's arithmetic.
+template <class T>
+KVATTN_ALWAYS_INLINE void prefetch_rows(const T* const* rows, int j0, int j1, std::int64_t row_bytes) {
+  for (int j = j0; j < j1; ++j)
+    for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + b, 0, 2);
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -276,29 +266,49 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
   finish_rows(t, rows, mrow, lrow, o, dp, d);
 }
 
-/// Direct kernel for at most 4 query rows (decode with group size 1, 2 or 4): K and V rows are
-/// converted in registers straight from the cache and each converted vector serves every row, so
-/// nothing is stored and reloaded (the buffered kernel's stores dominate when few rows share them).
-/// R rows x KB keys of dot products fill one hsum; P·V runs V::pv_regs / R vectors per pass.
+/// Keys per tile of the direct kernel. Its per-tile costs (row pointers, the softmax's reductions,
+/// reloading and rescaling the output accumulators) are spread over this many keys.
+/// Measured on a Zen 4, one thread, data in L2: 91 cycles per key for 4 rows (f16, d=128; 64 FMAs
+/// of work) at 64 keys, 97-128 at 32 and 16.
+inline constexpr int direct_key_tile = 64;
+
+/// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
+template <int W, bool Max>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
+  if constexpr (W > 1) {
+    x = group_reduce<W / 2, Max>(x);
+    const vec y = V::template swap_adjacent<W / 2>(x);
+    x = Max ? V::max(x, y) : V::add(x, y);
+  }
+  return x;
+}
+
+/// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
+/// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
+/// r, key b * KB + j), the V rows are converted in registers and each serves all R rows.
 template <int R, int NV, kv_dtype Dtype>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p,
-                                                       const typename storage<Dtype>::type* const* vr, int c0, int n) {
+                                                       const typename storage<Dtype>::type* const* vr, int c0, int nb) {
+  constexpr int KB = L / R;
   vec acc[R][NV];
   KVATTN_UNROLL(4)
   for (int r = 0; r < R; ++r) {
-    const vec a = V::set1(alpha[r]);
+    const vec a = V::set1(alpha[r * KB]);
     KVATTN_UNROLL(16)
     for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * d + k * L), a);
   }
-  for (int j = 0; j < n; ++j) {
-    vec pj[R];
-    KVATTN_UNROLL(4)
-    for (int r = 0; r < R; ++r) pj[r] = V::set1(p[r * key_tile_simd + j]);
+  for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
-    for (int k = 0; k < NV; ++k) {
-      const vec v = V::load_stored(vr[j] + c0 + k * L);
+    for (int j = 0; j < KB; ++j) {
+      vec pj[R];
       KVATTN_UNROLL(4)
-      for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
+      for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
+      KVATTN_UNROLL(16)
+      for (int k = 0; k < NV; ++k) {
+        const vec v = V::load_stored(vr[b * KB + j] + c0 + k * L);
+        KVATTN_UNROLL(4)
+        for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
+      }
     }
   }
   KVATTN_UNROLL(4)
@@ -308,11 +318,16 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   }
 }
 
+/// Direct kernel for at most 4 query rows (decode with group size 1, 2 or 4): K and V rows are
+/// converted in registers straight from the cache and each converted vector serves every row, so
+/// nothing is stored and reloaded. R rows x KB = L / R keys of dot products fill one transposed
+/// horizontal sum, whose lanes (row r, key j at lane r * KB + j) the online softmax then works on
+/// as they are: all rows at once, row reductions within groups of KB lanes, no scalar steps.
 template <int R, int SD, kv_dtype Dtype>
 __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
   using T = typename storage<Dtype>::type;
-  constexpr int KT = key_tile_simd;
-  constexpr int KB = L / R;              // keys per hsum block
+  constexpr int KT = direct_key_tile;
+  constexpr int KB = L / R;              // keys per score vector
   constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -320,32 +335,46 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const int group = t.group;
   float* qs = scratch;   // R x d, pre-scaled by scale * log2(e)
   float* o = qs + R * d; // R x d
-  alignas(64) float s[R * KT];
-  alignas(64) float hs[L];
-  float m[R], l[R], alpha[R];
-  int limit[R];
+  alignas(64) float p[R * KT];  // scores, then probabilities, of the tile in score layout
+  alignas(64) float lanes[4][L];  // per lane: key within its group, visible keys, alpha, scratch
+  float* key_of_lane = lanes[0];
+  float* limit_of_lane = lanes[1];
+  float* alpha = lanes[2];
   for (int r = 0; r < R; ++r) {
     const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
     for (int c = 0; c < d; ++c) qs[r * d + c] = src[c] * (t.scale * log2e);
-    m[r] = neg_inf;
-    l[r] = 0.f;
   }
+  for (int a = 0; a < L; ++a) key_of_lane[a] = static_cast<float>(a % KB);
   std::fill_n(o, R * d, 0.f);
+  vec m = V::set1(neg_inf), l = V::zero();  // running max (base 2) and sum; row r in lanes r * KB ..
   const std::int64_t key_end = t.keys_end();
-  const T* kr[KT];
-  const T* vr[KT];
-  for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT) {
-    const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
-    constexpr int ahead = prefetch_tiles_ahead * KT;
-    if constexpr (R == 1 || Dtype == kv_dtype::f32)
-      if (k0 + ahead < key_end) prefetch_rows(t, k0 + ahead, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - ahead)));
+  // Row pointers of the current tile and of the next one. The QK loop prefetches the next tile's K
+  // and V rows a score vector's worth of keys at a time, spread over the tile's arithmetic: the
+  // hardware prefetcher alone leaves every tile start waiting on memory (Zen 4, 2 threads, GQA
+  // d=128 T=32768 f16 decode: 12.5 ms without, 8.3 ms with; medians of 3 interleaved runs).
+  const T* rows[2][2][KT];  // [tile parity][K, V][key]
+  const auto fill = [&](int parity, std::int64_t k0, int n) {
     KvRowCursor kc(*t.slot, t.seq, t.kv_head, k0, false), vc(*t.slot, t.seq, t.kv_head, k0, true);
     for (int j = 0; j < n; ++j, kc.next(), vc.next()) {
-      kr[j] = reinterpret_cast<const T*>(kc.row());
-      vr[j] = reinterpret_cast<const T*>(vc.row());
+      rows[parity][0][j] = reinterpret_cast<const T*>(kc.row());
+      rows[parity][1][j] = reinterpret_cast<const T*>(vc.row());
     }
-    for (int j = n; j < KT; ++j) kr[j] = kr[n - 1];  // valid memory; their scores are masked
-    for (int jb = 0; jb < KT; jb += KB) {
+  };
+  const std::int64_t row_bytes = t.slot->row_bytes;
+  int cur = 0;
+  if (t.key_begin < key_end) fill(0, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
+  for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT, cur ^= 1) {
+    const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
+    const int nb = (n + KB - 1) / KB;
+    const int n_next = static_cast<int>(std::clamp<std::int64_t>(key_end - k0 - KT, 0, KT));
+    if (n_next > 0) fill(cur ^ 1, k0 + KT, n_next);
+    const T** kr = rows[cur][0];
+    const T** vr = rows[cur][1];
+    for (int j = n; j < nb * KB; ++j) kr[j] = kr[n - 1], vr[j] = vr[n - 1];  // valid rows; masked below
+    for (int b = 0; b < nb; ++b) {
+      const int j1 = std::min((b + 1) * KB, n_next);
+      prefetch_rows(rows[cur ^ 1][0], b * KB, j1, row_bytes);
+      prefetch_rows(rows[cur ^ 1][1], b * KB, j1, row_bytes);
       vec acc[L];
       KVATTN_UNROLL(16)
       for (int a = 0; a < L; ++a) acc[a] = V::zero();
@@ -355,39 +384,56 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
         KVATTN_UNROLL(16)
         for (int j = 0; j < KB; ++j) {
-          const vec kv = V::load_stored(kr[jb + j] + c);
+          const vec kv = V::load_stored(kr[b * KB + j] + c);
           KVATTN_UNROLL(4)
           for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
         }
       }
-      V::hsum(acc, hs);
-      for (int r = 0; r < R; ++r)
-        for (int j = 0; j < KB; ++j) s[r * KT + jb + j] = hs[r * KB + j];
+      V::hsum(acc, p + b * L);
     }
-    bool any = false;
+    // Keys each row sees (rows of one decode step see all n; earlier tokens of a chunk fewer).
+    bool masked = false;
     for (int r = 0; r < R; ++r) {
-      limit[r] = t.visible_keys(r / group, k0, n);
-      float* sr = s + r * KT;
-      alpha[r] = 1.f;
-      if (limit[r] == 0) {  // nothing visible: zero weights for the P·V pass of the other rows
-        std::fill_n(sr, KT, 0.f);
-        continue;
-      }
-      any = true;
-      alpha[r] = softmax_row(sr, limit[r], sr, m[r], l[r]);
+      const int limit = t.visible_keys(r / group, k0, n);
+      masked |= limit < nb * KB;
+      std::fill_n(limit_of_lane + r * KB, KB, static_cast<float>(limit));
     }
-    if (!any) continue;
-    // Rows of one step see the same keys in decode; with several tokens, masked p are 0.
-    int n_used = 0;
-    for (int r = 0; r < R; ++r) n_used = std::max(n_used, limit[r]);
+    vec mt = V::set1(neg_inf);
+    for (int b = 0; b < nb; ++b) {
+      vec sb = V::load(p + b * L);
+      if (masked) {
+        const vec key = V::add(V::load(key_of_lane), V::set1(static_cast<float>(b * KB)));
+        sb = V::select_less(key, V::load(limit_of_lane), sb, V::set1(neg_inf));
+        V::store(p + b * L, sb);
+      }
+      mt = V::max(mt, sb);
+    }
+    const vec m_new = V::max(m, group_reduce<KB, true>(mt));
+    // A row with no key so far keeps max -inf: subtract 0 instead, so exp2 sees -inf, not NaN.
+    const vec m_safe = V::select_less(m_new, V::set1(std::numeric_limits<float>::lowest()), V::zero(), m_new);
+    const vec a = exp2v(V::sub(m, m_safe));
+    vec sum = V::zero();
+    for (int b = 0; b < nb; ++b) {
+      const vec e = exp2v(V::sub(V::load(p + b * L), m_safe));
+      V::store(p + b * L, e);
+      sum = V::add(sum, e);
+    }
+    l = V::fma(l, a, group_reduce<KB, false>(sum));
+    m = m_new;
+    V::store(alpha, a);
     const int nv = d / L;
     int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
     if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
-    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, s, vr, k * L, n_used);
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
+    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
   }
-  finish_rows(t, R, m, l, o, d, d);
+  float mrow[R], lrow[R];
+  V::store(lanes[3], m);
+  for (int r = 0; r < R; ++r) mrow[r] = lanes[3][r * KB];
+  V::store(lanes[3], l);
+  for (int r = 0; r < R; ++r) lrow[r] = lanes[3][r * KB];
+  finish_rows(t, R, mrow, lrow, o, d, d);
 }
 
 /// Tile kernel with the storage type known at compile time: few rows take the direct kernel,

@@ -10,6 +10,7 @@
 //   round pow2i                nearest integer; 2^n for integral n in [-126, 127]
 //   select_less(x, b, t, f)    lane-wise x < b ? t : f
 //   hsum(acc, out)             out[j] = sum of the lanes of acc[j], j < lanes (a transposed reduction)
+//   swap_adjacent<W>(v)        exchanges neighbouring groups of W lanes (W a power of two < lanes)
 //   convert(src, dst, n)       n stored elements (f32, f16, bf16) to f32
 //   load_stored(src)           one vector of stored elements, converted to f32
 #pragma once
@@ -87,6 +88,13 @@ struct V {
                                   _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
     _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
                                         _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  template <int W>
+  KVATTN_V vec swap_adjacent(vec v) {
+    if constexpr (W == 1) return _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1));
+    else if constexpr (W == 2) return _mm512_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2));
+    else if constexpr (W == 4) return _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1));
+    else return _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2));
   }
   KVATTN_V vec load_stored(const float* p) { return _mm512_loadu_ps(p); }
   KVATTN_V vec load_stored(const Eigen::half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -166,6 +174,12 @@ struct V {
     const vec u1 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)), _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
     _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
   }
+  template <int W>
+  KVATTN_V vec swap_adjacent(vec v) {
+    if constexpr (W == 1) return _mm256_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1));
+    else if constexpr (W == 2) return _mm256_permute_ps(v, _MM_SHUFFLE(1, 0, 3, 2));
+    else return _mm256_permute2f128_ps(v, v, 1);
+  }
   KVATTN_V vec load_stored(const float* p) { return _mm256_loadu_ps(p); }
   KVATTN_V vec load_stored(const Eigen::half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
@@ -221,6 +235,11 @@ struct V {
   }
   KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return vbslq_f32(vcltq_f32(x, b), t, f); }
   KVATTN_V void hsum(const vec* a, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))); }
+  template <int W>
+  KVATTN_V vec swap_adjacent(vec v) {
+    if constexpr (W == 1) return vrev64q_f32(v);
+    else return vextq_f32(v, v, 2);
+  }
   KVATTN_V vec load_stored(const float* p) { return vld1q_f32(p); }
   KVATTN_V vec load_stored(const Eigen::half* p) { return vcvt_f32_f16(vld1_f16(reinterpret_cast<const __fp16*>(p))); }
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
