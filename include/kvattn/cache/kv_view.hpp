@@ -40,23 +40,30 @@ inline const std::byte* v_row(const KvSlotView& s, const KvSequenceView& q, int 
   return q.blocks[t / s.block_tokens] + s.v_offset + s.row_offset(h, t % s.block_tokens);
 }
 
-/// Walks consecutive K (or V) rows of one KV head: one division to start, none per row.
+/// Walks consecutive K (or V) rows of one KV head from token t < the sequence's length: one division
+/// to start, then a pointer step per row and a table lookup per block.
 class KvRowCursor {
  public:
   KvRowCursor(const KvSlotView& s, const KvSequenceView& q, int h, std::int64_t t, bool values)
-      : blocks_(q.blocks), block_(t / s.block_tokens), in_block_(t % s.block_tokens), block_tokens_(s.block_tokens),
-        row_bytes_(s.row_bytes), head_offset_((values ? s.v_offset : s.k_offset) + h * s.head_stride) {}
-  const std::byte* row() const { return blocks_[block_] + head_offset_ + in_block_ * row_bytes_; }
+      : blocks_(q.blocks), block_(t / s.block_tokens), left_in_block_(s.block_tokens - t % s.block_tokens),
+        block_tokens_(s.block_tokens), row_bytes_(s.row_bytes),
+        head_offset_((values ? s.v_offset : s.k_offset) + h * s.head_stride),
+        blocks_end_((q.length + s.block_tokens - 1) / s.block_tokens),
+        row_(blocks_[block_] + head_offset_ + (t % s.block_tokens) * row_bytes_) {}
+  const std::byte* row() const { return row_; }
   void next() {
-    if (++in_block_ == block_tokens_) {
-      ++block_;
-      in_block_ = 0;
+    if (--left_in_block_ == 0) {
+      left_in_block_ = block_tokens_;
+      if (++block_ < blocks_end_) row_ = blocks_[block_] + head_offset_;  // past the end: stays, unread
+    } else {
+      row_ += row_bytes_;
     }
   }
 
  private:
   const std::byte* const* blocks_;
-  std::int64_t block_, in_block_, block_tokens_, row_bytes_, head_offset_;
+  std::int64_t block_, left_in_block_, block_tokens_, row_bytes_, head_offset_, blocks_end_;
+  const std::byte* row_;
 };
 
 }  // namespace kvattn
