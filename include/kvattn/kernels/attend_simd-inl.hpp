@@ -391,12 +391,17 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
           for (int c = 0; c < SD; c += L) acc[j] = V::fma(V::load(qs + c), V::load_stored(kr[b * KB + j] + c), acc[j]);
         }
       } else {
-        // Several rows: dims outer, each K vector serving every row. The block's next-tile rows are
-        // prefetched together up front (spreading them over the iterations measured slower for
-        // 16-bit GQA: Zen 4, T=32768, 2 threads).
-        prefetch_rows(next_k, b * KB, j1, row_bytes);
-        prefetch_rows(next_v, b * KB, j1, row_bytes);
-        for (int c = 0; c < d; c += L) {
+        // Several rows: dims outer, each K vector serving every row. The block's next-tile K and V
+        // rows are prefetched spread evenly over the iterations, a cache line of each at a time: a
+        // burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians
+        // of 5 interleaved runs: T=32768 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms; f16 unchanged).
+        const int n_lines = static_cast<int>((row_bytes + 63) / 64), n_iter = d / L;
+        for (int c = 0, i = 0; c < d; c += L, ++i) {
+          for (int line = i * n_lines / n_iter; line < (i + 1) * n_lines / n_iter; ++line)
+            for (int j = b * KB; j < j1; ++j) {
+              __builtin_prefetch(reinterpret_cast<const char*>(next_k[j]) + line * 64, 0, 2);
+              __builtin_prefetch(reinterpret_cast<const char*>(next_v[j]) + line * 64, 0, 2);
+            }
           vec qv[R];
           KVATTN_UNROLL(4)
           for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
