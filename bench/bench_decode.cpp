@@ -365,6 +365,8 @@ int main(int argc, char** argv) {
   }
   register_design<32>("MHA-32x32");
   register_design<8>("GQA-32x8");
+  register_design<4>("GQA-32x4");
+  register_design<2>("GQA-32x2");
   register_design<1>("MQA-32x1");
   register_roofline();
   return kvattn_bench::run_main(static_cast<int>(args.size()), args.data());
