@@ -35,12 +35,16 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   for (int j = 0; j < n; ++j, rows.next()) V::convert(reinterpret_cast<const T*>(rows.row()), dst + j * dp, d);
 }
 
-/// Asks for the bytes of rows[j0 .. j1) to be brought into the caches (L2 and closer), so that the
-/// memory latency of the direct kernel's next tile overlaps this tile's arithmetic.
+/// Asks for the 64-byte lines [line0, line1) of the K and V rows k[j0 .. j1), v[j0 .. j1) to be
+/// brought into the caches (L2 and closer), so that the memory latency of the direct kernel's next
+/// tile overlaps this tile's arithmetic.
 template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_rows(const T* const* rows, int j0, int j1, std::int64_t row_bytes) {
-  for (int j = j0; j < j1; ++j)
-    for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + b, 0, 2);
+KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* k, const T* const* v, int j0, int j1, int line0, int line1) {
+  for (int line = line0; line < line1; ++line)
+    for (int j = j0; j < j1; ++j) {
+      __builtin_prefetch(reinterpret_cast<const char*>(k[j]) + line * 64, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(v[j]) + line * 64, 0, 2);
+    }
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -359,7 +363,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
       rows[parity][1][j] = reinterpret_cast<const T*>(vc.row());
     }
   };
-  const std::int64_t row_bytes = std::int64_t{d} * std::int64_t{sizeof(T)};  // a constant for static d
+  const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // a constant for static d
   int cur = 0;
   if (t.key_begin < key_end) fill(0, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT, cur ^= 1) {
@@ -383,10 +387,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         // the block's prefetches up front, 2.9-3.0 ms like this; best of 10, 3 interleaved runs).
         KVATTN_UNROLL(16)
         for (int j = 0; j < KB; ++j) {
-          if (b * KB + j < j1) {
-            prefetch_rows(next_k, b * KB + j, b * KB + j + 1, row_bytes);
-            prefetch_rows(next_v, b * KB + j, b * KB + j + 1, row_bytes);
-          }
+          if (b * KB + j < j1) prefetch_lines(next_k, next_v, b * KB + j, b * KB + j + 1, 0, row_lines);
           KVATTN_UNROLL(16)
           for (int c = 0; c < SD; c += L) acc[j] = V::fma(V::load(qs + c), V::load_stored(kr[b * KB + j] + c), acc[j]);
         }
@@ -395,13 +396,10 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         // rows are prefetched spread evenly over the iterations, a cache line of each at a time: a
         // burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians
         // of 5 interleaved runs: T=32768 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms; f16 unchanged).
-        const int n_lines = static_cast<int>((row_bytes + 63) / 64), n_iter = d / L;
+        const int n_iter = d / L;
         for (int c = 0, i = 0; c < d; c += L, ++i) {
-          for (int line = i * n_lines / n_iter; line < (i + 1) * n_lines / n_iter; ++line)
-            for (int j = b * KB; j < j1; ++j) {
-              __builtin_prefetch(reinterpret_cast<const char*>(next_k[j]) + line * 64, 0, 2);
-              __builtin_prefetch(reinterpret_cast<const char*>(next_v[j]) + line * 64, 0, 2);
-            }
+          const int line0 = i * row_lines / n_iter, line1 = (i + 1) * row_lines / n_iter;
+          prefetch_lines(next_k, next_v, b * KB, j1, line0, line1);
           vec qv[R];
           KVATTN_UNROLL(16)
           for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
