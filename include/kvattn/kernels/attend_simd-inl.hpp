@@ -35,16 +35,13 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   for (int j = 0; j < n; ++j, rows.next()) V::convert(reinterpret_cast<const T*>(rows.row()), dst + j * dp, d);
 }
 
-/// Asks for the 64-byte lines [line0, line1) of the K and V rows k[j0 .. j1), v[j0 .. j1) to be
-/// brought into the caches (L2 and closer), so that the memory latency of the direct kernel's next
-/// tile overlaps this tile's arithmetic.
+/// Asks for the 64-byte lines [line0, line1) of the rows rows[j0 .. j1) to be brought into the
+/// caches (L2 and closer), so that the memory latency of the direct kernel's next tile overlaps
+/// this tile's arithmetic.
 template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* k, const T* const* v, int j0, int j1, int line0, int line1) {
+KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* rows, int j0, int j1, int line0, int line1) {
   for (int line = line0; line < line1; ++line)
-    for (int j = j0; j < j1; ++j) {
-      __builtin_prefetch(reinterpret_cast<const char*>(k[j]) + line * 64, 0, 2);
-      __builtin_prefetch(reinterpret_cast<const char*>(v[j]) + line * 64, 0, 2);
-    }
+    for (int j = j0; j < j1; ++j) __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + line * 64, 0, 2);
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -289,11 +286,15 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
 
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
-/// r, key b * KB + j), the V rows are converted in registers and each serves all R rows.
+/// r, key b * KB + j), the V rows are converted in registers and each serves all R rows. The same
+/// dims of the next tile's V rows next_v[0 .. n_next) are prefetched beside them.
 template <int R, int NV, kv_dtype Dtype>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p,
-                                                       const typename storage<Dtype>::type* const* vr, int c0, int nb) {
+                                                       const typename storage<Dtype>::type* const* vr, int c0, int nb,
+                                                       const typename storage<Dtype>::type* const* next_v, int n_next) {
   constexpr int KB = L / R;
+  constexpr int bytes = sizeof(typename storage<Dtype>::type);
+  const int line0 = (c0 * bytes + 63) / 64, line1 = ((c0 + NV * L) * bytes + 63) / 64;  // each line in one pass
   vec acc[R][NV];
   KVATTN_UNROLL(16)
   for (int r = 0; r < R; ++r) {
@@ -304,6 +305,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
+      if (b * KB + j < n_next) prefetch_lines(next_v, b * KB + j, b * KB + j + 1, line0, line1);
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
@@ -352,9 +354,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   std::fill_n(o, R * d, 0.f);
   vec m = V::set1(neg_inf), l = V::zero();  // running max (base 2) and sum; row r in lanes r * KB ..
   const std::int64_t key_end = t.keys_end();
-  // Row pointers of the current tile and of the next one, whose K and V rows the QK loop prefetches
-  // while it computes: the hardware prefetcher alone leaves every tile start waiting on memory
-  // (Zen 4, 2 threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3 ms with).
+  // Row pointers of the current tile and of the next one, whose K rows the QK loop and whose V rows
+  // the P·V passes prefetch while they compute: the hardware prefetcher alone leaves every tile
+  // start waiting on memory (Zen 4, 2 threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3
+  // ms with), and asking for K and V both in the QK loop leaves the memory idle during P·V (5.3 ms
+  // with the V rows prefetched by the P·V passes instead, 6.6 ms before; medians of 5 A/B runs).
   const T* rows[2][2][KT];  // [tile parity][K, V][key]
   const auto fill = [&](int parity, std::int64_t k0, int n) {
     KvRowCursor kc(*t.slot, t.seq, t.kv_head, k0, false), vc(*t.slot, t.seq, t.kv_head, k0, true);
@@ -382,24 +386,24 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
       KVATTN_UNROLL(16)
       for (int a = 0; a < L; ++a) acc[a] = V::zero();
       if constexpr (R == 1 && SD != dynamic) {
-        // One row: keys outer, so each K row is read front to back, with the next tile's K and V row
-        // of the same key prefetched (MHA d=128 T=4096 f16, 2 threads: 3.9-6.4 ms with dims outer and
+        // One row: keys outer, so each K row is read front to back, with the next tile's K row of
+        // the same key prefetched (MHA d=128 T=4096 f16, 2 threads: 3.9-6.4 ms with dims outer and
         // the block's prefetches up front, 2.9-3.0 ms like this; best of 10, 3 interleaved runs).
         KVATTN_UNROLL(16)
         for (int j = 0; j < KB; ++j) {
-          if (b * KB + j < j1) prefetch_lines(next_k, next_v, b * KB + j, b * KB + j + 1, 0, row_lines);
+          if (b * KB + j < j1) prefetch_lines(next_k, b * KB + j, b * KB + j + 1, 0, row_lines);
           KVATTN_UNROLL(16)
           for (int c = 0; c < SD; c += L) acc[j] = V::fma(V::load(qs + c), V::load_stored(kr[b * KB + j] + c), acc[j]);
         }
       } else {
-        // Several rows: dims outer, each K vector serving every row. The block's next-tile K and V
-        // rows are prefetched spread evenly over the iterations, a cache line of each at a time: a
+        // Several rows: dims outer, each K vector serving every row. The block's next-tile K rows
+        // are prefetched spread evenly over the iterations, a cache line of each at a time: a
         // burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians
         // of 5 interleaved runs: T=32768 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms; f16 unchanged).
         const int n_iter = d / L;
         for (int c = 0, i = 0; c < d; c += L, ++i) {
           const int line0 = i * row_lines / n_iter, line1 = (i + 1) * row_lines / n_iter;
-          prefetch_lines(next_k, next_v, b * KB, j1, line0, line1);
+          prefetch_lines(next_k, b * KB, j1, line0, line1);
           vec qv[R];
           KVATTN_UNROLL(16)
           for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
@@ -445,10 +449,10 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     V::store(alpha, a);
     const int nv = d / L;
     int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
     if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
-    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb);
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
+    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
