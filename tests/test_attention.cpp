@@ -319,3 +319,64 @@ TEST(AttentionErrors, BadInputsAreRejected) {
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_scale); }, "-1");
   expect_error([&] { decode(cache, 0, ids, nullptr, out.data()); }, "null");
 }
+
+namespace {
+// The plan of a decode batch: one query token per sequence, every sequence `length` keys long.
+kernels::AttentionPlan decode_plan(int kv_heads, std::int64_t batch, std::int64_t length) {
+  kernels::AttentionProblem pb;
+  pb.slot.kv_heads = kv_heads;
+  pb.slot.head_dim = 128;
+  pb.q_heads = kv_heads;
+  const std::vector<KvSequenceView> seqs(static_cast<std::size_t>(batch), KvSequenceView{nullptr, length});
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(batch) + 1);
+  for (std::size_t b = 0; b < offsets.size(); ++b) offsets[b] = static_cast<std::int64_t>(b);
+  pb.seqs = seqs;
+  pb.q_offsets = offsets;
+  return kernels::plan_attention(pb);
+}
+}  // namespace
+
+TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
+  // 32 heads x 4096 keys: 32 units < 64, chunks of 131072 / 64 = 2048 keys -> 64 items.
+  auto plan = decode_plan(32, 1, 4096);
+  EXPECT_EQ(plan.items.size(), 64u);
+  EXPECT_EQ(plan.merges.size(), 32u);
+  for (const auto& w : plan.items) EXPECT_EQ(w.key_end - w.key_begin, 2048);
+  // 8 heads x 32768 keys: chunks of 4096.
+  plan = decode_plan(8, 1, 32768);
+  EXPECT_EQ(plan.items.size(), 64u);
+  // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (512): 8 items.
+  plan = decode_plan(1, 1, 4096);
+  EXPECT_EQ(plan.items.size(), 8u);
+  // Ragged tail: 5000 keys in chunks of 512 -> 10 chunks, the last one 392 keys.
+  plan = decode_plan(1, 1, 5000);
+  ASSERT_EQ(plan.items.size(), 10u);
+  std::int64_t covered = 0, shortest = 5000;
+  for (const auto& w : plan.items) covered += w.key_end - w.key_begin, shortest = std::min(shortest, w.key_end - w.key_begin);
+  EXPECT_EQ(covered, 5000);
+  EXPECT_EQ(shortest, 392);
+  // 16 sequences x 8 heads = 128 units: enough items already, no split.
+  plan = decode_plan(8, 16, 1024);
+  EXPECT_EQ(plan.items.size(), 128u);
+  EXPECT_TRUE(plan.merges.empty());
+}
+
+TEST(Parallel, LookaheadRunsEveryItemOnceAndNamesEachThreadsNextItem) {
+  for (int threads : {1, 2, 3, 4})
+    for (std::int64_t n : {0, 1, 2, 3, 7, 64, 1000}) {
+      std::vector<int> runs(static_cast<std::size_t>(n), 0);
+      std::vector<std::vector<std::pair<std::int64_t, std::int64_t>>> per_thread(static_cast<std::size_t>(threads));
+      kernels::parallel_for_lookahead(n, threads, [&](std::int64_t item, std::int64_t next, int thread) {
+        ++runs[static_cast<std::size_t>(item)];
+        per_thread[static_cast<std::size_t>(thread)].emplace_back(item, next);
+      });
+      for (std::int64_t i = 0; i < n; ++i) EXPECT_EQ(runs[static_cast<std::size_t>(i)], 1) << "item " << i << " n " << n;
+      // A named next item is the one the same thread runs right after.
+      for (const auto& seq : per_thread)
+        for (std::size_t k = 0; k < seq.size(); ++k)
+          if (seq[k].second >= 0) {
+            ASSERT_LT(k + 1, seq.size());
+            EXPECT_EQ(seq[k + 1].first, seq[k].second);
+          }
+    }
+}

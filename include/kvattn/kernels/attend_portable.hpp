@@ -42,6 +42,9 @@ struct AttendTile {
   SoftmaxState* states;             ///< n_tokens x group states
   float* acc;                       ///< n_tokens x group x d unnormalized outputs
   TileLoader load = nullptr;        ///< row converter of vectorized kernels
+  /// The tile this thread computes next, if known (outputs unset): a kernel may prefetch its first
+  /// keys while it finishes this one, so a split-K chunk does not start waiting on memory.
+  const AttendTile* next = nullptr;
 
   /// End of the keys the tile attends to: its key range cut where its last token stops seeing.
   std::int64_t keys_end() const { return std::min(key_end, visible_end0 + (n_tokens - 1) * visible_step); }

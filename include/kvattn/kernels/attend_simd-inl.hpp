@@ -360,8 +360,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // ms with), and asking for K and V both in the QK loop leaves the memory idle during P·V (5.3 ms
   // with the V rows prefetched by the P·V passes instead, 6.6 ms before; medians of 5 A/B runs).
   const T* rows[2][2][KT];  // [tile parity][K, V][key]
-  const auto fill = [&](int parity, std::int64_t k0, int n) {
-    KvRowCursor kc(*t.slot, t.seq, t.kv_head, k0, false), vc(*t.slot, t.seq, t.kv_head, k0, true);
+  const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
+    KvRowCursor kc(*src.slot, src.seq, src.kv_head, k0, false), vc(*src.slot, src.seq, src.kv_head, k0, true);
     for (int j = 0; j < n; ++j, kc.next(), vc.next()) {
       rows[parity][0][j] = reinterpret_cast<const T*>(kc.row());
       rows[parity][1][j] = reinterpret_cast<const T*>(vc.row());
@@ -369,12 +369,18 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   };
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // a constant for static d
   int cur = 0;
-  if (t.key_begin < key_end) fill(0, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
+  if (t.key_begin < key_end) fill(0, t, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT, cur ^= 1) {
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
     const int nb = (n + KB - 1) / KB;
-    const int n_next = static_cast<int>(std::clamp<std::int64_t>(key_end - k0 - KT, 0, KT));
-    if (n_next > 0) fill(cur ^ 1, k0 + KT, n_next);
+    // The next tile: this item's, else the first of the item this thread runs next (0: none).
+    int n_next = static_cast<int>(std::clamp<std::int64_t>(key_end - k0 - KT, 0, KT));
+    if (n_next > 0) {
+      fill(cur ^ 1, t, k0 + KT, n_next);
+    } else if (t.next != nullptr) {
+      n_next = static_cast<int>(std::clamp<std::int64_t>(t.next->keys_end() - t.next->key_begin, 0, KT));
+      if (n_next > 0) fill(cur ^ 1, *t.next, t.next->key_begin, n_next);
+    }
     const T** kr = rows[cur][0];
     const T** vr = rows[cur][1];
     const T* const* next_k = rows[cur ^ 1][0];

@@ -50,20 +50,41 @@ inline int resolve_threads(int requested) {
 
 namespace kernels {
 
-/// Runs body(item, thread) for item in [0, n) on `threads` threads, dynamically scheduled.
-/// Work items must be independent: results then do not depend on the schedule.
+/// Runs body(item, next, thread) for item in [0, n) on `threads` threads, dynamically scheduled,
+/// where `next` is the item the same thread will run after this one, or -1 when not yet known: a
+/// thread claims its next item before running the current one (while more items remain than
+/// threads, so the last ones still go to whichever thread is free first), and a kernel can fetch
+/// the next item's first data while it works. Work items must be independent: results then do not
+/// depend on the schedule.
 template <class Body>
-void parallel_for(std::int64_t n, int threads, Body&& body) {
+void parallel_for_lookahead(std::int64_t n, int threads, Body&& body) {
 #if defined(_OPENMP)
   if (threads > 1 && n > 1) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (std::int64_t i = 0; i < n; ++i) body(i, omp_get_thread_num());
+    std::atomic<std::int64_t> claimed{threads};  // thread t starts with item t
+#pragma omp parallel num_threads(threads)
+    {
+      const int thread = omp_get_thread_num();
+      std::int64_t item = thread;
+      while (item < n) {
+        std::int64_t next = -1;
+        if (claimed.load(std::memory_order_relaxed) + threads <= n) next = claimed.fetch_add(1, std::memory_order_relaxed);
+        body(item, next < n ? next : -1, thread);
+        item = next >= 0 ? next : claimed.fetch_add(1, std::memory_order_relaxed);
+      }
+    }
     return;
   }
 #else
   (void)threads;
 #endif
-  for (std::int64_t i = 0; i < n; ++i) body(i, 0);
+  for (std::int64_t i = 0; i < n; ++i) body(i, i + 1 < n ? i + 1 : -1, 0);
+}
+
+/// Runs body(item, thread) for item in [0, n) on `threads` threads, dynamically scheduled.
+/// Work items must be independent: results then do not depend on the schedule.
+template <class Body>
+void parallel_for(std::int64_t n, int threads, Body&& body) {
+  parallel_for_lookahead(n, threads, [&](std::int64_t item, std::int64_t, int thread) { body(item, thread); });
 }
 
 }  // namespace kernels
