@@ -35,13 +35,19 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   for (int j = 0; j < n; ++j, rows.next()) V::convert(reinterpret_cast<const T*>(rows.row()), dst + j * dp, d);
 }
 
-/// Asks for the 64-byte lines [line0, line1) of the rows rows[j0 .. j1) to be brought into the
-/// caches (L2 and closer), so that the memory latency of the direct kernel's next tile overlaps
-/// this tile's arithmetic.
+/// rows[j] moved by `bytes` (a K row to its V row: both sit at the same place of their block part).
 template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* rows, int j0, int j1, int line0, int line1) {
+KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(row) + bytes);
+}
+
+/// Asks for the 64-byte lines [line0, line1) of the rows rows[j0 .. j1), moved by `bytes`, to be
+/// brought into the caches (L2 and closer), so that the memory latency of the direct kernel's next
+/// tile overlaps this tile's arithmetic.
+template <class T>
+KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* rows, std::ptrdiff_t bytes, int j0, int j1, int line0, int line1) {
   for (int line = line0; line < line1; ++line)
-    for (int j = j0; j < j1; ++j) __builtin_prefetch(reinterpret_cast<const char*>(rows[j]) + line * 64, 0, 2);
+    for (int j = j0; j < j1; ++j) __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows[j], bytes)) + line * 64, 0, 2);
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -286,12 +292,14 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
 
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
-/// r, key b * KB + j), the V rows are converted in registers and each serves all R rows. The same
-/// dims of the next tile's V rows next_v[0 .. n_next) are prefetched beside them.
+/// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
+/// each serves all R rows. The same dims of the next tile's V rows (K rows next_k[0 .. n_next)
+/// moved by v_bytes) are prefetched beside them.
 template <int R, int NV, kv_dtype Dtype>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p,
-                                                       const typename storage<Dtype>::type* const* vr, int c0, int nb,
-                                                       const typename storage<Dtype>::type* const* next_v, int n_next) {
+                                                       const typename storage<Dtype>::type* const* kr, std::ptrdiff_t v_bytes,
+                                                       int c0, int nb, const typename storage<Dtype>::type* const* next_k,
+                                                       int n_next) {
   constexpr int KB = L / R;
   constexpr int bytes = sizeof(typename storage<Dtype>::type);
   const int line0 = (c0 * bytes + 63) / 64, line1 = ((c0 + NV * L) * bytes + 63) / 64;  // each line in one pass
@@ -305,13 +313,13 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
-      if (b * KB + j < n_next) prefetch_lines(next_v, b * KB + j, b * KB + j + 1, line0, line1);
+      if (b * KB + j < n_next) prefetch_lines(next_k, v_bytes, b * KB + j, b * KB + j + 1, line0, line1);
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
       KVATTN_UNROLL(16)
       for (int k = 0; k < NV; ++k) {
-        const vec v = V::load_stored(vr[b * KB + j] + c0 + k * L);
+        const vec v = V::load_stored(byte_offset(kr[b * KB + j], v_bytes) + c0 + k * L);
         KVATTN_UNROLL(16)
         for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
       }
@@ -359,13 +367,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // start waiting on memory (Zen 4, 2 threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3
   // ms with), and asking for K and V both in the QK loop leaves the memory idle during P·V (5.3 ms
   // with the V rows prefetched by the P·V passes instead, 6.6 ms before; medians of 5 A/B runs).
-  const T* rows[2][2][KT];  // [tile parity][K, V][key]
+  const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
+  const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
-    KvRowCursor kc(*src.slot, src.seq, src.kv_head, k0, false), vc(*src.slot, src.seq, src.kv_head, k0, true);
-    for (int j = 0; j < n; ++j, kc.next(), vc.next()) {
-      rows[parity][0][j] = reinterpret_cast<const T*>(kc.row());
-      rows[parity][1][j] = reinterpret_cast<const T*>(vc.row());
-    }
+    KvRowCursor kc(*src.slot, src.seq, src.kv_head, k0, false);
+    for (int j = 0; j < n; ++j, kc.next()) rows[parity][j] = reinterpret_cast<const T*>(kc.row());
   };
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // a constant for static d
   int cur = 0;
@@ -381,11 +387,9 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
       n_next = static_cast<int>(std::clamp<std::int64_t>(t.next->keys_end() - t.next->key_begin, 0, KT));
       if (n_next > 0) fill(cur ^ 1, *t.next, t.next->key_begin, n_next);
     }
-    const T** kr = rows[cur][0];
-    const T** vr = rows[cur][1];
-    const T* const* next_k = rows[cur ^ 1][0];
-    const T* const* next_v = rows[cur ^ 1][1];
-    for (int j = n; j < nb * KB; ++j) kr[j] = kr[n - 1], vr[j] = vr[n - 1];  // valid rows; masked below
+    const T** kr = rows[cur];
+    const T* const* next_k = rows[cur ^ 1];
+    for (int j = n; j < nb * KB; ++j) kr[j] = kr[n - 1];  // valid rows; masked below
     for (int b = 0; b < nb; ++b) {
       const int j1 = std::min((b + 1) * KB, n_next);  // this block's keys in the next tile
       vec acc[L];
@@ -397,7 +401,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         // the block's prefetches up front, 2.9-3.0 ms like this; best of 10, 3 interleaved runs).
         KVATTN_UNROLL(16)
         for (int j = 0; j < KB; ++j) {
-          if (b * KB + j < j1) prefetch_lines(next_k, b * KB + j, b * KB + j + 1, 0, row_lines);
+          if (b * KB + j < j1) prefetch_lines(next_k, 0, b * KB + j, b * KB + j + 1, 0, row_lines);
           KVATTN_UNROLL(16)
           for (int c = 0; c < SD; c += L) acc[j] = V::fma(V::load(qs + c), V::load_stored(kr[b * KB + j] + c), acc[j]);
         }
@@ -409,7 +413,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         const int n_iter = d / L;
         for (int c = 0, i = 0; c < d; c += L, ++i) {
           const int line0 = i * row_lines / n_iter, line1 = (i + 1) * row_lines / n_iter;
-          prefetch_lines(next_k, b * KB, j1, line0, line1);
+          prefetch_lines(next_k, 0, b * KB, j1, line0, line1);
           vec qv[R];
           KVATTN_UNROLL(16)
           for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
@@ -455,10 +459,10 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     V::store(alpha, a);
     const int nv = d / L;
     int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
     if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
-    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, vr, k * L, nb, next_v, n_next);
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
+    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
