@@ -4,16 +4,19 @@
 //   Decode/<design>/T<tokens>/B<batch>/threads:<n>            kvattn::decode with the static head layout
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
-// Times and counters are wall time (the work runs on <n> OpenMP threads).
-// Counters: kv_bytes (K/V bytes read per step), GB_per_s, floor_ratio = time / max(stream time of
-// kv_bytes, FLOPs at peak), stream_GB_per_s, peak_gflops, attn_threads (threads of the attention;
-// not named `threads`, which would duplicate Google Benchmark's own "threads" key in the JSON).
+// Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
+// decode step (the reported manual time) and then one streaming read of the very K/V bytes it reads
+// (stream_sum: a tight SIMD read with prefetch), so both see the same moments of a noisy machine.
+// Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
+// median step / max(median stream time, FLOPs at peak), stream_GB_per_s, peak_gflops, attn_threads
+// (threads of the attention; not named `threads`, which would duplicate Google Benchmark's own
+// "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
 // forces one). Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
 //   Roofline/<D1..D5>/<dtype>/<isa>[/cold]/threads:<n>          the decode shapes, runtime dispatch
 //   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
-// Quick subset (~15-25 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2$'
+// Quick subset (~30 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2/'
 
 #include <algorithm>
 #include <chrono>
@@ -158,21 +161,64 @@ struct DecodeInputs {
   }
 };
 
-/// The machine limits for a shape, measured before its timed loop (once per bytes and thread count).
-struct Roofline {
-  double stream_s, peak_gflops, floor_s;  // floor_s = max(stream time, FLOPs at peak)
-  Roofline(const Shape& s, std::int64_t kv_bytes, int threads)
-      : stream_s(kvattn_bench::stream_seconds(kv_bytes, threads)), peak_gflops(kvattn_bench::peak_gflops(threads)),
-        floor_s(std::max(stream_s, s.flops() / (peak_gflops * 1e9))) {}
+/// The K/V bytes one decode step reads, as float ranges: each sequence's block of the cache.
+std::vector<std::span<const float>> kv_ranges(const Cache& cache, const Shape& s, std::int64_t kv_bytes) {
+  std::vector<std::span<const float>> parts;
+  const std::int64_t per_sequence = kv_bytes / s.batch;
+  if (cache.block_bytes() < per_sequence) throw std::logic_error("bench: cache blocks smaller than the K/V bytes");
+  for (kvattn::seq_id id = 0; id < s.batch; ++id)
+    parts.emplace_back(reinterpret_cast<const float*>(cache.sequence_view(id).blocks[0]), static_cast<std::size_t>(per_sequence / 4));
+  return parts;
+}
+
+/// Evicts the caches: writes then reads a buffer larger than any last-level cache we target.
+void evict_caches() {
+  static std::vector<float> junk(std::size_t{256} << 18);  // 256 MiB
+  for (std::size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.f;
+  benchmark::DoNotOptimize(junk.data());
+  benchmark::ClobberMemory();
+}
+
+/// Medians of a decode step's time and of a streaming read of the very bytes it reads.
+struct Paired {
+  double step_s, stream_s;
 };
 
-/// Counters shared by both benchmarks; `seconds` is the measured time per step.
-void set_counters(benchmark::State& state, const Roofline& f, std::int64_t kv_bytes, int threads, double seconds) {
+/// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
+/// one step (the iteration's time) and then one streaming read of the same K/V bytes, with `threads`
+/// threads, both after evicting the caches when `cold`. Alternating them exposes both to the same
+/// moments of a shared machine, whose memory bandwidth swings by tens of percent from minute to
+/// minute, so their ratio is stable where a floor measured once before the loop was not.
+template <class Step>
+Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, int threads, bool cold) {
+  std::vector<double> steps, streams;
+  for (auto _ : state) {
+    if (cold) evict_caches();
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    state.SetIterationTime(t);
+    steps.push_back(t);
+    if (cold) evict_caches();
+    streams.push_back(kvattn_bench::stream_read_seconds(bytes, threads));
+  }
+  const auto median = [](std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0. : v[v.size() / 2];
+  };
+  return {median(steps), median(streams)};
+}
+
+/// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
+/// time of the same bytes, FLOPs at the peak FMA rate measured once per thread count and ISA path).
+void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes, int threads, const Paired& p) {
+  const double peak = kvattn_bench::peak_gflops(threads);
   state.counters["kv_bytes"] = static_cast<double>(kv_bytes);
-  state.counters["GB_per_s"] = kv_bytes * 1e-9 / seconds;
-  state.counters["floor_ratio"] = seconds / f.floor_s;
-  state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / f.stream_s;
-  state.counters["peak_gflops"] = f.peak_gflops;
+  state.counters["median_us"] = p.step_s * 1e6;
+  state.counters["GB_per_s"] = kv_bytes * 1e-9 / p.step_s;
+  state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, s.flops() / (peak * 1e9));
+  state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
+  state.counters["peak_gflops"] = peak;
   state.counters["attn_threads"] = threads;
 }
 
@@ -192,15 +238,14 @@ void BM_Decode(benchmark::State& state, const Shape& s) {
   Resident& r = resident("kvattn/" + s.key());
   if (!r.cache) r.cache = build_cache(s, storage_dtype);
   DecodeInputs in(s, threads);
-  const Roofline roof(s, kv_bytes, threads);
-
-  const double seconds = kvattn_bench::timed_loop(state, [&] {
+  const auto bytes = kv_ranges(*r.cache, s, kv_bytes);
+  const Paired p = paired_loop(state, [&] {
     // Static layout: the kernel is specialized on group size and head dim, as a user would do.
     kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
-  });
-  set_counters(state, roof, kv_bytes, threads, seconds);
+  }, bytes, threads, false);
+  set_counters(state, s, kv_bytes, threads, p);
   state.SetLabel(std::string(kvattn::dtype_name(storage_dtype)) + "/" + std::string(kvattn::isa_name(kvattn::active_isa())));
 }
 
@@ -215,9 +260,12 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   std::vector<Eigen::VectorXf> scores(static_cast<std::size_t>(threads), Eigen::VectorXf(s.tokens));
   const int group = q_heads / s.kv_heads;
   const float scale = 1.f / std::sqrt(float(head_dim));
-  const Roofline roof(s, kv_bytes, threads);
-
-  const double seconds = kvattn_bench::timed_loop(state, [&] {
+  std::vector<std::span<const float>> bytes;  // its K and V matrices
+  for (std::size_t i = 0; i < r.k.size(); ++i) {
+    bytes.emplace_back(r.k[i].data(), static_cast<std::size_t>(r.k[i].size()));
+    bytes.emplace_back(r.v[i].data(), static_cast<std::size_t>(r.v[i].size()));
+  }
+  const Paired p = paired_loop(state, [&] {
     // One independent item per (sequence, query head), on the same OpenMP loop as the kernels.
     kvattn::kernels::parallel_for(std::int64_t{s.batch} * q_heads, threads, [&](std::int64_t i, int t) {
       const std::size_t kv = static_cast<std::size_t>(i / q_heads * s.kv_heads + i % q_heads / group);
@@ -229,8 +277,8 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
     });
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  });
-  set_counters(state, roof, kv_bytes, threads, seconds);
+  }, bytes, threads, false);
+  set_counters(state, s, kv_bytes, threads, p);
   state.SetLabel("f32");
 }
 
@@ -240,35 +288,6 @@ struct ForcedIsa {
   explicit ForcedIsa(kvattn::isa i) { kvattn::set_isa(i); }
   ~ForcedIsa() { kvattn::set_isa(previous); }
 };
-
-/// Evicts the caches: writes then reads a buffer larger than any last-level cache we target.
-void evict_caches() {
-  static std::vector<float> junk(std::size_t{256} << 18);  // 256 MiB
-  for (std::size_t i = 0; i < junk.size(); i += 16) junk[i] += 1.f;
-  benchmark::DoNotOptimize(junk.data());
-  benchmark::ClobberMemory();
-}
-
-/// Seconds `threads` threads take to stream `bytes` bytes that are not in any cache (median of 5).
-double cold_stream_seconds(std::int64_t bytes, int threads) {
-  std::vector<float> buf(static_cast<std::size_t>(bytes / 4), 1.f);
-  std::vector<double> times;
-  std::vector<float> sums(static_cast<std::size_t>(threads));
-  const std::int64_t n = static_cast<std::int64_t>(buf.size()), chunks = std::int64_t{threads} * 16;
-  const std::int64_t chunk = (n / chunks + 63) / 64 * 64;
-  for (int rep = 0; rep < 5; ++rep) {
-    evict_caches();
-    const auto t0 = std::chrono::steady_clock::now();
-    kvattn::kernels::parallel_for(chunks, threads, [&](std::int64_t c, int t) {
-      const std::int64_t begin = std::min(n, c * chunk), end = c + 1 == chunks ? n : std::min(n, begin + chunk);
-      sums[static_cast<std::size_t>(t)] += kvattn::kernels::stream_sum(buf.data() + begin, end - begin);
-    });
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    benchmark::DoNotOptimize(sums.data());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 /// The decode shapes D1..D5 (Hq 32, d 128) for every storage type, ISA path and thread
 /// count, through the runtime-dispatched API a default user calls (HeadShape, not a static layout).
@@ -285,26 +304,7 @@ void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   };
-  Roofline roof(s, kv_bytes, threads);
-  double seconds = 0;
-  if (!cold) {
-    seconds = kvattn_bench::timed_loop(state, step);
-  } else {
-    roof.stream_s = cold_stream_seconds(kv_bytes, threads);
-    roof.floor_s = std::max(roof.stream_s, s.flops() / (roof.peak_gflops * 1e9));
-    std::vector<double> times;
-    for (auto _ : state) {
-      evict_caches();
-      const auto t0 = std::chrono::steady_clock::now();
-      step();
-      const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      state.SetIterationTime(t);
-      times.push_back(t);
-    }
-    std::sort(times.begin(), times.end());
-    seconds = times[times.size() / 2];  // median: evictions make single steps noisy
-  }
-  set_counters(state, roof, kv_bytes, threads, seconds);
+  set_counters(state, s, kv_bytes, threads, paired_loop(state, step, kv_ranges(*r.cache, s, kv_bytes), threads, cold));
   state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)));
 }
 
@@ -325,11 +325,11 @@ void register_roofline() {
           const std::string name = std::string("Roofline/") + n.id + "/" + std::string(kvattn::dtype_name(dtype)) + "/" +
                                    std::string(kvattn::isa_name(path)) + (cold ? "/cold" : "");
           auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, cold);
-          b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
-          if (cold) b->UseManualTime()->Iterations(20);
+          b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+          if (cold) b->Iterations(20);
         }
     benchmark::RegisterBenchmark((std::string("RooflineEigenNaive/") + n.id).c_str(), BM_DecodeEigenNaive, n.shape)
-        ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+        ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
   }
 }
 
@@ -340,7 +340,7 @@ void register_design(const std::string& design) {
       const Shape s{design, KvHeads, tokens, batch};
       for (auto* b : {benchmark::RegisterBenchmark(("Decode/" + s.key()).c_str(), BM_Decode<KvHeads>, s),
                       benchmark::RegisterBenchmark(("DecodeEigenNaive/" + s.key()).c_str(), BM_DecodeEigenNaive, s)})
-        b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+        b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
     }
 }
 

@@ -1,5 +1,6 @@
 // Machine limits measured in-process, so a kernel's time can be compared with the fastest it could
-// possibly be: floor = max(time to stream its bytes, its FLOPs at peak rate). Both probes are the
+// possibly be: floor = max(time to stream its bytes, its FLOPs at peak rate). The benchmarks time
+// the stream on the kernel's own K/V bytes, alternating with the kernel (bench_decode.cpp). Both probes are the
 // library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels use
 // (active_isa(), e.g. AVX-512 through target attributes even in a build without -march flags), so
 // the floor is that of the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
@@ -7,9 +8,10 @@
 
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdint>
+#include <span>
 #include <map>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -40,32 +42,22 @@ inline double peak_gflops(int threads) {
   return memo.emplace(key, flops * threads / s * 1e-9).first->second;
 }
 
-/// Seconds `threads` threads take to read `bytes` bytes (best of many short runs), measured once per ISA path and
-/// per (bytes, threads). Like the kernel it is compared with, it reads the same buffer over and
-/// over, so small sizes run from cache. Past the last-level cache, bandwidth no longer depends on
-/// size, so at most 256 MiB (past common last-level caches) is read and the time is scaled to `bytes`.
-inline double stream_seconds(std::int64_t bytes, int threads) {
-  static std::map<std::tuple<std::int64_t, int, kvattn::isa>, double> memo;
-  const auto key = std::make_tuple(bytes, threads, kvattn::active_isa());
-  if (auto it = memo.find(key); it != memo.end()) return it->second;
-
-  const std::int64_t n = std::max<std::int64_t>(64, std::min<std::int64_t>(bytes, 256 << 20) / 4);  // floats
-  const std::vector<float> buf(static_cast<std::size_t>(n), 1.f);  // written, so the pages are real
-  const std::int64_t chunks = std::int64_t{threads} * 16;
-  const std::int64_t chunk = (n / chunks + 63) / 64 * 64;  // whole cache lines per chunk
-  // Enough passes that one run reads >= 64 MiB: long enough to time, short enough to often run undisturbed.
-  const std::int64_t passes = std::max<std::int64_t>(1, (64 << 20) / (n * 4));
+/// One streaming read of the float ranges `parts` by `threads` threads (16 pieces per thread per
+/// range, dynamically scheduled like the kernels' work), in seconds.
+inline double stream_read_seconds(std::span<const std::span<const float>> parts, int threads) {
+  const std::int64_t pieces = std::int64_t{threads} * 16;
   std::vector<float> sums(static_cast<std::size_t>(threads));
-  const double s = best_seconds(15, [&] {
-    for (std::int64_t p = 0; p < passes; ++p)
-      kvattn::kernels::parallel_for(chunks, threads, [&](std::int64_t c, int t) {
-        const std::int64_t begin = std::min(n, c * chunk), end = c + 1 == chunks ? n : std::min(n, begin + chunk);
-        sums[static_cast<std::size_t>(t)] += kvattn::kernels::stream_sum(buf.data() + begin, end - begin);
-      });
-    benchmark::DoNotOptimize(sums.data());
+  const auto t0 = std::chrono::steady_clock::now();
+  kvattn::kernels::parallel_for(static_cast<std::int64_t>(parts.size()) * pieces, threads, [&](std::int64_t i, int t) {
+    const std::span<const float> part = parts[static_cast<std::size_t>(i / pieces)];
+    const auto n = static_cast<std::int64_t>(part.size());
+    const std::int64_t chunk = (n / pieces + 15) / 16 * 16;  // whole cache lines
+    const std::int64_t begin = std::min(n, i % pieces * chunk), end = i % pieces + 1 == pieces ? n : std::min(n, begin + chunk);
+    sums[static_cast<std::size_t>(t)] += kvattn::kernels::stream_sum(part.data() + begin, end - begin);
   });
-  const double per_byte = s / static_cast<double>(passes) / static_cast<double>(n * 4);
-  return memo.emplace(key, per_byte * static_cast<double>(bytes)).first->second;
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  benchmark::DoNotOptimize(sums.data());
+  return s;
 }
 
 }  // namespace kvattn_bench

@@ -43,7 +43,10 @@ class SummaryReporter : public benchmark::ConsoleReporter {
         out += "  skipped: " + r.error_message + "\n";
         continue;
       }
-      const double seconds = r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
+      // The median step where a benchmark reports it (decode: its floor_ratio is a ratio of medians).
+      const auto median = r.counters.find("median_us");
+      const double seconds = median != r.counters.end() ? median->second.value * 1e-6
+                                                        : r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
       out += "  " + counter(r, "bytes_per_token", 11, 0) + "  " + format_time(seconds) + "  " +
              counter(r, "GB_per_s", 9, 2) + "  " + counter(r, "floor_ratio", 11, 2) + "\n";
     }
