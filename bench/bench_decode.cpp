@@ -26,6 +26,7 @@
 #include <memory>
 #include <numeric>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -165,7 +166,7 @@ struct DecodeInputs {
 std::vector<std::span<const float>> kv_ranges(const Cache& cache, const Shape& s, std::int64_t kv_bytes) {
   std::vector<std::span<const float>> parts;
   const std::int64_t per_sequence = kv_bytes / s.batch;
-  if (cache.block_bytes() < per_sequence) throw std::logic_error("bench: cache blocks smaller than the K/V bytes");
+  if (cache.block_bytes() != per_sequence) throw std::logic_error("bench: a cache block is not one sequence's K/V bytes");
   for (kvattn::seq_id id = 0; id < s.batch; ++id)
     parts.emplace_back(reinterpret_cast<const float*>(cache.sequence_view(id).blocks[0]), static_cast<std::size_t>(per_sequence / 4));
   return parts;

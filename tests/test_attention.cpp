@@ -380,3 +380,18 @@ TEST(Parallel, LookaheadRunsEveryItemOnceAndNamesEachThreadsNextItem) {
           }
     }
 }
+
+TEST(Parallel, LookaheadRunsEveryItemWhenTheTeamIsSmallerThanAsked) {
+  // Inside a parallel region (nesting off) OpenMP gives a team of one whatever is asked.
+  std::vector<int> runs(100, 0);
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(2)
+  {
+    if (omp_get_thread_num() == 0)
+#endif
+      kernels::parallel_for_lookahead(100, 4, [&](std::int64_t item, std::int64_t, int) { ++runs[static_cast<std::size_t>(item)]; });
+#if defined(_OPENMP)
+  }
+#endif
+  for (std::size_t i = 0; i < runs.size(); ++i) EXPECT_EQ(runs[i], 1) << "item " << i;
+}

@@ -60,14 +60,16 @@ template <class Body>
 void parallel_for_lookahead(std::int64_t n, int threads, Body&& body) {
 #if defined(_OPENMP)
   if (threads > 1 && n > 1) {
-    std::atomic<std::int64_t> claimed{threads};  // thread t starts with item t
+    std::atomic<std::int64_t> claimed{0};
 #pragma omp parallel num_threads(threads)
     {
-      const int thread = omp_get_thread_num();
-      std::int64_t item = thread;
+      // The team may be smaller than asked (nested regions, OMP_DYNAMIC, OMP_THREAD_LIMIT): every
+      // item, the first ones too, is claimed from the shared counter.
+      const int thread = omp_get_thread_num(), team = omp_get_num_threads();
+      std::int64_t item = claimed.fetch_add(1, std::memory_order_relaxed);
       while (item < n) {
         std::int64_t next = -1;
-        if (claimed.load(std::memory_order_relaxed) + threads <= n) next = claimed.fetch_add(1, std::memory_order_relaxed);
+        if (claimed.load(std::memory_order_relaxed) + team <= n) next = claimed.fetch_add(1, std::memory_order_relaxed);
         body(item, next < n ? next : -1, thread);
         item = next >= 0 ? next : claimed.fetch_add(1, std::memory_order_relaxed);
       }
