@@ -46,8 +46,9 @@ struct SplitRules {
   std::int64_t target_items = 64;
   std::int64_t min_chunk_keys = 512;   ///< never smaller chunks than this
 
-  /// Keys per split-K chunk when the batch's (sequence, KV head, query tile) units attend to
-  /// total_keys keys in all: one power of two for the whole batch, about total / target_items.
+  /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
+  /// queries) attend to total_keys keys in all: one power of two for the whole batch, about
+  /// total / target_items.
   /// A function of the data only, never of the thread count.
   std::int64_t chunk_keys(std::int64_t total_keys) const {
     const auto per_item = static_cast<std::uint64_t>(ceil_div(total_keys, target_items));
@@ -83,12 +84,13 @@ struct AttentionPlan {
 inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules& rules = {}) {
   AttentionPlan plan;
   const int group = pb.q_heads / pb.slot.kv_heads;
-  // Split only when the batch has fewer (sequence, KV head, query tile) units than target_items.
+  // Split only when the batch has fewer (sequence, KV head, query tile) units than target_items;
+  // the chunk comes from the keys of the units that may be split (few queries).
   std::int64_t units = 0, total_keys = 0;
   for (std::size_t b = 0; b < pb.seqs.size(); ++b) {
-    const std::int64_t tiles = ceil_div(pb.q_offsets[b + 1] - pb.q_offsets[b], rules.query_tile_tokens);
-    units += pb.slot.kv_heads * tiles;
-    total_keys += pb.slot.kv_heads * tiles * pb.seqs[b].length;
+    const std::int64_t n = pb.q_offsets[b + 1] - pb.q_offsets[b];
+    units += pb.slot.kv_heads * ceil_div(n, rules.query_tile_tokens);
+    if (n <= rules.split_max_query_tokens) total_keys += pb.slot.kv_heads * pb.seqs[b].length;
   }
   const bool few_units = units < rules.target_items;
   const std::int64_t chunk_keys = rules.chunk_keys(total_keys);
