@@ -1,17 +1,17 @@
 // Machine limits measured in-process, so a kernel's time can be compared with the fastest it could
 // possibly be: floor = max(time to stream its bytes, its FLOPs at peak rate). The benchmarks time
-// the stream on the kernel's own K/V bytes, alternating with the kernel (bench_decode.cpp). Both probes are the
-// library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels use
-// (active_isa(), e.g. AVX-512 through target attributes even in a build without -march flags), so
-// the floor is that of the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
+// the stream on the kernel's own K/V bytes, alternating with the kernel (bench_decode.cpp). Both
+// probes are the library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels
+// use (active_isa(), e.g. AVX-512 through target attributes even in a build without -march flags),
+// so the floor is that of the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
 #pragma once
 
 #include <benchmark/benchmark.h>
 
 #include <chrono>
 #include <cstdint>
-#include <span>
 #include <map>
+#include <span>
 #include <utility>
 #include <vector>
 

@@ -409,7 +409,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         // Several rows: dims outer, each K vector serving every row. The block's next-tile K rows
         // are prefetched spread evenly over the iterations, a cache line of each at a time: a
         // burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians
-        // of 5 interleaved runs: T=32768 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms; f16 unchanged).
+        // of 5 interleaved runs, when this loop still prefetched V too: T=32768 15.6 -> 10.9 ms,
+        // T=4096 1.36 -> 0.65 ms; f16 unchanged).
         const int n_iter = d / L;
         for (int c = 0, i = 0; c < d; c += L, ++i) {
           const int line0 = i * row_lines / n_iter, line1 = (i + 1) * row_lines / n_iter;

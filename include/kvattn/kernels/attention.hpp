@@ -48,8 +48,7 @@ struct SplitRules {
 
   /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
   /// queries) attend to total_keys keys in all: one power of two for the whole batch, about
-  /// total / target_items.
-  /// A function of the data only, never of the thread count.
+  /// total / target_items. A function of the data only, never of the thread count.
   std::int64_t chunk_keys(std::int64_t total_keys) const {
     const auto per_item = static_cast<std::uint64_t>(ceil_div(total_keys, target_items));
     return std::max<std::int64_t>(min_chunk_keys, static_cast<std::int64_t>(std::bit_ceil(per_item)));
