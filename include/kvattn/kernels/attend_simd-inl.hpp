@@ -98,37 +98,54 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows(const float* qt, int rp, const f
   }
 }
 
-/// o[0 .. NV*L) = o * alpha + sum_{j < n} p[j * ps] v_j[0 .. NV*L): NV independent register accumulators.
-template <int NV>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_pass(float* o, const float* p, int ps, vec alpha, const float* vb, int dp, int n) {
-  vec acc[NV];
-  KVATTN_UNROLL(16)
-  for (int k = 0; k < NV; ++k) acc[k] = V::mul(V::load(o + k * L), alpha);
-  for (int j = 0; j < n; ++j) {
-    const vec pj = V::set1(p[j * ps]);
-    KVATTN_UNROLL(16)
-    for (int k = 0; k < NV; ++k) acc[k] = V::fma(pj, V::load(vb + j * dp + k * L), acc[k]);
+/// Rows of the buffered kernel's P·V that share each loaded V vector: 4 x 4 accumulators where
+/// there are 32 vector registers, 2 x 4 with 16 (AVX2), so no accumulator spills.
+inline constexpr int pv_block_rows = V::registers >= 32 ? 4 : 2;
+
+/// For the RB rows r of a block and the NV vectors from dim c0 on:
+/// o_r[c0 ..] = o_r * alpha[r] + sum_{j < n} p[r * prs + j * pks] v_j[c0 ..]. Each V vector is
+/// loaded once for all RB rows (one row at a time reloads V once per row: load-bound).
+template <int RB, int NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* p, int prs, int pks, const float* alpha,
+                                                 const float* vb, int n) {
+  vec acc[RB][NV];
+  KVATTN_UNROLL(4)
+  for (int r = 0; r < RB; ++r) {
+    const vec a = V::set1(alpha[r]);
+    KVATTN_UNROLL(4)
+    for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * dp + k * L), a);
   }
-  KVATTN_UNROLL(16)
-  for (int k = 0; k < NV; ++k) V::store(o + k * L, acc[k]);
+  for (int j = 0; j < n; ++j) {
+    vec pj[RB];
+    KVATTN_UNROLL(4)
+    for (int r = 0; r < RB; ++r) pj[r] = V::set1(p[r * prs + j * pks]);
+    KVATTN_UNROLL(4)
+    for (int k = 0; k < NV; ++k) {
+      const vec v = V::load(vb + j * dp + k * L);
+      KVATTN_UNROLL(4)
+      for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
+    }
+  }
+  KVATTN_UNROLL(4)
+  for (int r = 0; r < RB; ++r) {
+    KVATTN_UNROLL(4)
+    for (int k = 0; k < NV; ++k) V::store(o + r * dp + k * L, acc[r][k]);
+  }
 }
 
-/// o = o * alpha + sum_{j < n} p[j * ps] v_j over a whole row, in passes of up to V::pv_regs vectors.
-template <int SD>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_row(float* o, const float* p, int ps, float alpha, const float* vb, int dp, int n) {
-  constexpr int R = V::pv_regs;
-  const vec a = V::set1(alpha);
+/// pv_block over whole rows (dp floats): passes of 4 vectors, then single vectors.
+template <int RB, int SD>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_rows(float* o, int dp_runtime, const float* p, int prs, int pks, const float* alpha,
+                                                const float* vb, int n) {
   if constexpr (SD != dynamic) {
     constexpr int nv = SD / L;
-    for (int k = 0; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, SD, n);
-    if constexpr (nv % R != 0) pv_pass<nv % R>(o + nv / R * R * L, p, ps, a, vb + nv / R * R * L, SD, n);
+    for (int k = 0; k + 4 <= nv; k += 4) pv_block<RB, 4>(o + k * L, SD, p, prs, pks, alpha, vb + k * L, n);
+    if constexpr (nv % 4 != 0) pv_block<RB, nv % 4>(o + nv / 4 * 4 * L, SD, p, prs, pks, alpha, vb + nv / 4 * 4 * L, n);
   } else {
-    // Runtime width: whole passes, then 4 and 1 vectors at a time (few instantiations: compile time).
-    const int nv = dp / L;
+    const int nv = dp_runtime / L;
     int k = 0;
-    for (; k + R <= nv; k += R) pv_pass<R>(o + k * L, p, ps, a, vb + k * L, dp, n);
-    for (; k + 4 <= nv; k += 4) pv_pass<4>(o + k * L, p, ps, a, vb + k * L, dp, n);
-    for (; k < nv; ++k) pv_pass<1>(o + k * L, p, ps, a, vb + k * L, dp, n);
+    for (; k + 4 <= nv; k += 4) pv_block<RB, 4>(o + k * L, dp_runtime, p, prs, pks, alpha, vb + k * L, n);
+    for (; k < nv; ++k) pv_block<RB, 1>(o + k * L, dp_runtime, p, prs, pks, alpha, vb + k * L, n);
   }
 }
 
@@ -192,7 +209,6 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
   float* mrow = alpha + rp;      // rp: running max (base 2)
   float* lrow = mrow + rp;       // rp: running sum
   float* lim = lrow + rp;        // rp: keys of the tile each row sees
-  const int ps = by_rows ? rp : 1;  // p[r][j] is at p + r * (by_rows ? 1 : KT) + j * ps
 
   const float qscale = t.scale * log2e;
   for (int i = 0; i < t.n_tokens; ++i)
@@ -223,8 +239,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
     t.load(t, k0, n, false, kb, dp);
     // Keys of this tile row r sees; rows of one token share it. Row 0 sees the fewest.
-    for (int r = 0; r < rows; ++r)
-      lim[r] = static_cast<float>(t.visible_keys(r / group, k0, n));
+    for (int i = 0; i < t.n_tokens; ++i) std::fill_n(lim + i * group, group, static_cast<float>(t.visible_keys(i, k0, n)));
     const bool full = lim[0] == static_cast<float>(KT);
     if (by_rows) {
       qk_rows<SD>(qs, rp, kb, dp, p);
@@ -258,17 +273,25 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
       alignas(64) float s[KT];
       for (int r = 0; r < rows; ++r) {
         const int limit = static_cast<int>(lim[r]);
-        if (limit == 0) continue;
+        if (limit == 0) {  // no key of this tile: probabilities 0, output unchanged
+          std::fill_n(p + r * KT, KT, 0.f);
+          alpha[r] = 1.f;
+          continue;
+        }
         qk_tile<SD>(qs + r * dp, kb, dp, s);
         alpha[r] = softmax_row(s, limit, p + r * KT, mrow[r], lrow[r]);
       }
     }
     if (lim[rows - 1] == 0.f) continue;  // the last row sees the most: no row saw a key
     t.load(t, k0, n, true, vb, dp);
-    for (int r = 0; r < rows; ++r) {
-      const int limit = static_cast<int>(lim[r]);
-      if (limit > 0) pv_row<SD>(o + r * dp, p + r * (by_rows ? 1 : KT), ps, alpha[r], vb, dp, limit);
-    }
+    // Rows in blocks sharing each V vector; a masked key's probability is 0, so a block runs to
+    // the keys its last row sees (rows are in token order, later tokens see more).
+    constexpr int RB = pv_block_rows;
+    const int prs = by_rows ? 1 : KT, pks = by_rows ? rp : 1;
+    int r = 0;
+    for (; r + RB <= rows; r += RB)
+      pv_rows<RB, SD>(o + r * dp, dp, p + r * prs, prs, pks, alpha + r, vb, static_cast<int>(lim[r + RB - 1]));
+    for (; r < rows; ++r) pv_rows<1, SD>(o + r * dp, dp, p + r * prs, prs, pks, alpha + r, vb, static_cast<int>(lim[r]));
   }
   finish_rows(t, rows, mrow, lrow, o, dp, d);
 }
