@@ -41,13 +41,13 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(row) + bytes);
 }
 
-/// Asks for the 64-byte lines [line0, line1) of the rows rows[j0 .. j1), moved by `bytes`, to be
-/// brought into the caches (L2 and closer), so that the memory latency of the direct kernel's next
-/// tile overlaps this tile's arithmetic.
+/// Asks for `lines` 64-byte lines of each of the rows rows[j0 .. j1), from `offset` bytes past the
+/// row on, to be brought into the caches (L2 and closer), so that the memory latency of the direct
+/// kernel's next tile overlaps this tile's arithmetic.
 template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* rows, std::ptrdiff_t bytes, int j0, int j1, int line0, int line1) {
-  for (int line = line0; line < line1; ++line)
-    for (int j = j0; j < j1; ++j) __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows[j], bytes)) + line * 64, 0, 2);
+KVATTN_ALWAYS_INLINE void prefetch_lines(const T* const* rows, std::ptrdiff_t offset, int j0, int j1, int lines) {
+  for (int i = 0; i < lines; ++i)
+    for (int j = j0; j < j1; ++j) __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows[j], offset)) + i * 64, 0, 2);
 }
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile, L keys per register block.
@@ -313,19 +313,73 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
   return x;
 }
 
+/// Where dim c of a row of d dims sits when the row is kept in the order load_stored2 delivers a
+/// split type's elements: within every whole block of 2L dims the even dims, then the odd ones;
+/// a last partial block stays in order.
+KVATTN_ALWAYS_INLINE int paired_position(int c, int d) {
+  const int block = c / (2 * L) * (2 * L);
+  if (block + 2 * L > d) return c;
+  const int i = c - block;
+  return block + (i & 1) * L + (i >> 1);
+}
+
+/// acc[r * KB + j] = q_r . k_j for the R rows and the KB = L / R keys kr[0 .. KB), K vectors
+/// converted in registers, each serving all rows. The same keys of the next tile (next_k) are
+/// prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
+/// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
+/// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
+/// (load_stored2; q in the order it delivers, see paired_position), with the rows' q in registers;
+/// 8 and 16 rows one vector at a time, q from memory.
+template <int R, int SD, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
+                                                  vec* acc) {
+  constexpr int KB = L / R;
+  constexpr int W = R <= 4 ? 2 * L : L;  // dims per step
+  const int d = SD != dynamic ? SD : d_runtime;
+  const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // constants for static d
+  const int steps = (d + W - 1) / W;
+  KVATTN_UNROLL(16)
+  for (int a = 0; a < L; ++a) acc[a] = V::zero();
+  int c = 0;
+  for (int i = 0; i < steps; ++i, c += W) {
+    const int line0 = i * row_lines / steps;
+    prefetch_lines(next_k, std::ptrdiff_t{line0} * 64, 0, KB, (i + 1) * row_lines / steps - line0);
+    if (W == L || c + L == d) {  // one vector of dims
+      vec qv[R];
+      KVATTN_UNROLL(16)
+      for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) {
+        const vec kv = V::load_stored(kr[j] + c);
+        KVATTN_UNROLL(16)
+        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
+      }
+    } else {
+      vec q0[R], q1[R];
+      KVATTN_UNROLL(4)
+      for (int r = 0; r < R; ++r) q0[r] = V::load(qs + r * d + c), q1[r] = V::load(qs + r * d + c + L);
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) {
+        vec k0, k1;
+        V::load_stored2(kr[j] + c, k0, k1);
+        KVATTN_UNROLL(4)
+        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(q1[r], k1, V::fma(q0[r], k0, acc[r * KB + j]));
+      }
+    }
+  }
+}
+
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
 /// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
-/// each serves all R rows. The same dims of the next tile's V rows (K rows next_k[0 .. n_next)
-/// moved by v_bytes) are prefetched beside them.
-template <int R, int NV, kv_dtype Dtype>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p,
-                                                       const typename storage<Dtype>::type* const* kr, std::ptrdiff_t v_bytes,
-                                                       int c0, int nb, const typename storage<Dtype>::type* const* next_k,
-                                                       int n_next) {
+/// each serves all R rows; an even NV takes them two vectors at a time (load_stored2 order). The
+/// same lines of the next tile's V rows (K rows next_k moved by v_bytes) are prefetched beside them.
+template <int R, int NV, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p, const T* const* kr,
+                                                       std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
   constexpr int KB = L / R;
-  constexpr int bytes = sizeof(typename storage<Dtype>::type);
-  const int line0 = (c0 * bytes + 63) / 64, line1 = ((c0 + NV * L) * bytes + 63) / 64;  // each line in one pass
+  constexpr int lines = (NV * L * static_cast<int>(sizeof(T)) + 63) / 64;  // of each row, in this pass
+  const std::ptrdiff_t line0 = std::ptrdiff_t{c0} * static_cast<std::ptrdiff_t>(sizeof(T)) / 64 * 64;
   vec acc[R][NV];
   KVATTN_UNROLL(16)
   for (int r = 0; r < R; ++r) {
@@ -336,15 +390,26 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
-      if (b * KB + j < n_next) prefetch_lines(next_k, v_bytes, b * KB + j, b * KB + j + 1, line0, line1);
+      prefetch_lines(next_k, v_bytes + line0, b * KB + j, b * KB + j + 1, lines);
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
-      KVATTN_UNROLL(16)
-      for (int k = 0; k < NV; ++k) {
-        const vec v = V::load_stored(byte_offset(kr[b * KB + j], v_bytes) + c0 + k * L);
+      const T* v = byte_offset(kr[b * KB + j], v_bytes) + c0;
+      if constexpr (NV % 2 == 0) {
+        KVATTN_UNROLL(8)
+        for (int k = 0; k < NV; k += 2) {
+          vec v0, v1;
+          V::load_stored2(v + k * L, v0, v1);
+          KVATTN_UNROLL(16)
+          for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v0, acc[r][k]), acc[r][k + 1] = V::fma(pj[r], v1, acc[r][k + 1]);
+        }
+      } else {
         KVATTN_UNROLL(16)
-        for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
+        for (int k = 0; k < NV; ++k) {
+          const vec vk = V::load_stored(v + k * L);
+          KVATTN_UNROLL(16)
+          for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], vk, acc[r][k]);
+        }
       }
     }
   }
@@ -366,6 +431,10 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   constexpr int KT = direct_key_tile;
   constexpr int KB = L / R;              // keys per score vector
   constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
+  // Split types (bf16 on x86) come two vectors at a time as even and odd elements: q is kept in
+  // that order where the dot products take pairs (up to 4 rows), outputs where P·V passes do.
+  constexpr bool q_paired = V::template evens_odds<T> && R <= 4;
+  constexpr bool o_paired = V::template evens_odds<T> && NVP >= 2;
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const int d = SD != dynamic ? SD : d_runtime;
@@ -379,7 +448,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* alpha = lanes[2];
   for (int r = 0; r < R; ++r) {
     const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
-    for (int c = 0; c < d; ++c) qs[r * d + c] = src[c] * (t.scale * log2e);
+    for (int c = 0; c < d; ++c) qs[r * d + (q_paired ? paired_position(c, d) : c)] = src[c] * (t.scale * log2e);
   }
   for (int a = 0; a < L; ++a) key_of_lane[a] = static_cast<float>(a % KB);
   std::fill_n(o, R * d, 0.f);
@@ -390,73 +459,41 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // start waiting on memory (Zen 4, 2 threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3
   // ms with), and asking for K and V both in the QK loop leaves the memory idle during P·V (5.3 ms
   // with the V rows prefetched by the P·V passes instead, 6.6 ms before; medians of 5 A/B runs).
+  // Rows past a tile's end repeat a valid row, so neither loop needs a bounds check.
   const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
     KvRowCursor kc(*src.slot, src.seq, src.kv_head, k0, false);
     for (int j = 0; j < n; ++j, kc.next()) rows[parity][j] = reinterpret_cast<const T*>(kc.row());
+    for (int j = n; j < KT; ++j) rows[parity][j] = rows[parity][n - 1];
   };
-  const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // a constant for static d
   int cur = 0;
   if (t.key_begin < key_end) fill(0, t, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
   for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT, cur ^= 1) {
     const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
     const int nb = (n + KB - 1) / KB;
-    // The next tile: this item's, else the first of the item this thread runs next (0: none).
-    int n_next = static_cast<int>(std::clamp<std::int64_t>(key_end - k0 - KT, 0, KT));
-    if (n_next > 0) {
-      fill(cur ^ 1, t, k0 + KT, n_next);
-    } else if (t.next != nullptr) {
-      n_next = static_cast<int>(std::clamp<std::int64_t>(t.next->keys_end() - t.next->key_begin, 0, KT));
-      if (n_next > 0) fill(cur ^ 1, *t.next, t.next->key_begin, n_next);
+    // The next tile: this item's, else the first of the item this thread runs next, else this one
+    // again (cached: its prefetches cost next to nothing).
+    if (k0 + KT < key_end) {
+      fill(cur ^ 1, t, k0 + KT, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - KT)));
+    } else if (t.next != nullptr && t.next->key_begin < t.next->keys_end()) {
+      fill(cur ^ 1, *t.next, t.next->key_begin, static_cast<int>(std::min<std::int64_t>(KT, t.next->keys_end() - t.next->key_begin)));
+    } else {
+      std::copy_n(rows[cur], KT, rows[cur ^ 1]);
     }
-    const T** kr = rows[cur];
+    const T* const* kr = rows[cur];
     const T* const* next_k = rows[cur ^ 1];
-    for (int j = n; j < nb * KB; ++j) kr[j] = kr[n - 1];  // valid rows; masked below
     for (int b = 0; b < nb; ++b) {
-      const int j1 = std::min((b + 1) * KB, n_next);  // this block's keys in the next tile
       vec acc[L];
-      KVATTN_UNROLL(16)
-      for (int a = 0; a < L; ++a) acc[a] = V::zero();
-      if constexpr (R == 1 && SD != dynamic) {
-        // One row: keys outer, so each K row is read front to back, with the next tile's K row of
-        // the same key prefetched (MHA d=128 T=4096 f16, 2 threads: 3.9-6.4 ms with dims outer and
-        // the block's prefetches up front, 2.9-3.0 ms like this; best of 10, 3 interleaved runs).
-        KVATTN_UNROLL(16)
-        for (int j = 0; j < KB; ++j) {
-          if (b * KB + j < j1) prefetch_lines(next_k, 0, b * KB + j, b * KB + j + 1, 0, row_lines);
-          KVATTN_UNROLL(16)
-          for (int c = 0; c < SD; c += L) acc[j] = V::fma(V::load(qs + c), V::load_stored(kr[b * KB + j] + c), acc[j]);
-        }
-      } else {
-        // Several rows: dims outer, each K vector serving every row. The block's next-tile K rows
-        // are prefetched spread evenly over the iterations, a cache line of each at a time: a
-        // burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians
-        // of 5 interleaved runs, when this loop still prefetched V too: T=32768 15.6 -> 10.9 ms,
-        // T=4096 1.36 -> 0.65 ms; f16 unchanged).
-        const int n_iter = d / L;
-        for (int c = 0, i = 0; c < d; c += L, ++i) {
-          const int line0 = i * row_lines / n_iter, line1 = (i + 1) * row_lines / n_iter;
-          prefetch_lines(next_k, 0, b * KB, j1, line0, line1);
-          vec qv[R];
-          KVATTN_UNROLL(16)
-          for (int r = 0; r < R; ++r) qv[r] = V::load(qs + r * d + c);
-          KVATTN_UNROLL(16)
-          for (int j = 0; j < KB; ++j) {
-            const vec kv = V::load_stored(kr[b * KB + j] + c);
-            KVATTN_UNROLL(16)
-            for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
-          }
-        }
-      }
+      direct_qk<R, SD, T>(qs, d, kr + b * KB, next_k + b * KB, acc);
       V::hsum(acc, p + b * L);
     }
     // Keys each row sees (rows of one decode step see all n; earlier tokens of a chunk fewer).
     bool masked = false;
-    for (int r = 0; r < R; ++r) {
-      const int limit = t.visible_keys(r / group, k0, n);
+    for (int i = 0; i * group < R; ++i) {
+      const int limit = t.visible_keys(i, k0, n);
       masked |= limit < nb * KB;
-      std::fill_n(limit_of_lane + r * KB, KB, static_cast<float>(limit));
+      std::fill_n(limit_of_lane + i * group * KB, std::min(group, R - i * group) * KB, static_cast<float>(limit));
     }
     vec mt = V::set1(neg_inf);
     for (int b = 0; b < nb; ++b) {
@@ -481,18 +518,27 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l = V::fma(l, a, group_reduce<KB, false>(sum));
     m = m_new;
     V::store(alpha, a);
+    // P·V in passes of NVP vectors, then of 4 and 2 (even counts keep load_stored2's pairs whole),
+    // then one.
     const int nv = d / L;
     int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
     if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
-    for (; k < nv; ++k) direct_pv_pass<R, 1, Dtype>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k, n_next);
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    if constexpr (NVP > 2)
+      for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    if (k < nv) direct_pv_pass<R, 1, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
   for (int r = 0; r < R; ++r) mrow[r] = lanes[3][r * KB];
   V::store(lanes[3], l);
   for (int r = 0; r < R; ++r) lrow[r] = lanes[3][r * KB];
+  if constexpr (o_paired) {  // back to dim order, through the q buffer (no longer needed)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < d; ++c) qs[r * d + c] = o[r * d + paired_position(c, d)];
+    o = qs;
+  }
   finish_rows(t, R, mrow, lrow, o, d, d);
 }
 

@@ -13,11 +13,16 @@
 //   swap_adjacent<W>(v)        exchanges neighbouring groups of W lanes (W a power of two < lanes)
 //   convert(src, dst, n)       n stored elements (f32, f16, bf16) to f32
 //   load_stored(src)           one vector of stored elements, converted to f32
+//   load_stored2(src, a, b)    2 x lanes stored elements as two f32 vectors: elements [0, L) and
+//                              [L, 2L), or, where evens_odds<T>, the even and the odd elements
+//   evens_odds<T>              whether load_stored2 splits T into even and odd elements (bf16 on
+//                              x86: a shift and a mask of one load instead of two widenings)
 #pragma once
 
 #include <Eigen/Core>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kvattn/simd/cpu.hpp"
 
@@ -101,6 +106,15 @@ struct V {
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
   }
+  KVATTN_V void load_stored2(const float* p, vec& a, vec& b) { a = load(p), b = load(p + 16); }
+  KVATTN_V void load_stored2(const Eigen::half* p, vec& a, vec& b) { a = load_stored(p), b = load_stored(p + 16); }
+  KVATTN_V void load_stored2(const Eigen::bfloat16* p, vec& a, vec& b) {
+    const __m512i w = _mm512_loadu_si512(p);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    b = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  template <class T>
+  static constexpr bool evens_odds = std::is_same_v<T, Eigen::bfloat16>;
   KVATTN_V void convert(const float* s, float* d, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_loadu_ps(s + i));
@@ -185,6 +199,15 @@ struct V {
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
+  KVATTN_V void load_stored2(const float* p, vec& a, vec& b) { a = load(p), b = load(p + 8); }
+  KVATTN_V void load_stored2(const Eigen::half* p, vec& a, vec& b) { a = load_stored(p), b = load_stored(p + 8); }
+  KVATTN_V void load_stored2(const Eigen::bfloat16* p, vec& a, vec& b) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    b = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  template <class T>
+  static constexpr bool evens_odds = std::is_same_v<T, Eigen::bfloat16>;
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
@@ -245,6 +268,10 @@ struct V {
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
     return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), 16));
   }
+  template <class T>
+  KVATTN_V void load_stored2(const T* p, vec& a, vec& b) { a = load_stored(p), b = load_stored(p + 4); }
+  template <class T>
+  static constexpr bool evens_odds = false;  // vshll widens bf16 in one instruction already
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
