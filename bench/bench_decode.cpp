@@ -5,12 +5,13 @@
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
 // Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
-// decode step (the reported manual time) and then one streaming read of the very K/V bytes it reads
-// (stream_sum: a tight SIMD read with prefetch), so both see the same moments of a noisy machine.
-// Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
-// median step / max(median stream time, FLOPs at peak), stream_GB_per_s, peak_gflops, attn_threads
-// (threads of the attention; not named `threads`, which would duplicate Google Benchmark's own
-// "threads" key in the JSON).
+// decode step (the reported manual time), then one streaming read of the very K/V bytes it reads
+// (stream_sum: a tight SIMD read with prefetch), then the step's FLOPs as register-resident FMAs
+// (fma_seconds), so all three see the same moments of a noisy machine. Counters: kv_bytes (K/V
+// bytes read per step), median_us (median step), GB_per_s, floor_ratio = median step / max(median
+// stream time, median FMA time), stream_GB_per_s, peak_gflops (FLOPs / median FMA time),
+// attn_threads (threads of the attention; not named `threads`, which would duplicate Google
+// Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
 // forces one). Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
@@ -180,19 +181,23 @@ void evict_caches() {
   benchmark::ClobberMemory();
 }
 
-/// Medians of a decode step's time and of a streaming read of the very bytes it reads.
+/// Medians of a decode step's time, of a streaming read of the very bytes it reads and of an FMA
+/// loop doing its FLOPs.
 struct Paired {
-  double step_s, stream_s;
+  double step_s, stream_s, fma_s;
 };
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
-/// one step (the iteration's time) and then one streaming read of the same K/V bytes, with `threads`
-/// threads, both after evicting the caches when `cold`. Alternating them exposes both to the same
-/// moments of a shared machine, whose memory bandwidth swings by tens of percent from minute to
-/// minute, so their ratio is stable where a floor measured once before the loop was not.
+/// one step (the iteration's time), then one streaming read of the same K/V bytes, then the step's
+/// FLOPs as register-resident FMAs, with `threads` threads; the step and the stream after evicting
+/// the caches when `cold`. Alternating them exposes all three to the same moments of a shared
+/// machine, whose memory bandwidth swings by tens of percent from minute to minute and whose clock
+/// moves with its neighbours' load, so the ratios are stable where floors measured once before the
+/// loop were not.
 template <class Step>
-Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, int threads, bool cold) {
-  std::vector<double> steps, streams;
+Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, double flops,
+                   int threads, bool cold) {
+  std::vector<double> steps, streams, fmas;
   for (auto _ : state) {
     if (cold) evict_caches();
     const auto t0 = std::chrono::steady_clock::now();
@@ -202,24 +207,24 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     steps.push_back(t);
     if (cold) evict_caches();
     streams.push_back(kvattn_bench::stream_read_seconds(bytes, threads));
+    fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
   const auto median = [](std::vector<double>& v) {
     std::sort(v.begin(), v.end());
     return v.empty() ? 0. : v[v.size() / 2];
   };
-  return {median(steps), median(streams)};
+  return {median(steps), median(streams), median(fmas)};
 }
 
 /// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
-/// time of the same bytes, FLOPs at the peak FMA rate measured once per thread count and ISA path).
+/// time of the same bytes, time of the same FLOPs as register-resident FMAs).
 void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes, int threads, const Paired& p) {
-  const double peak = kvattn_bench::peak_gflops(threads);
   state.counters["kv_bytes"] = static_cast<double>(kv_bytes);
   state.counters["median_us"] = p.step_s * 1e6;
   state.counters["GB_per_s"] = kv_bytes * 1e-9 / p.step_s;
-  state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, s.flops() / (peak * 1e9));
+  state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, p.fma_s);
   state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
-  state.counters["peak_gflops"] = peak;
+  state.counters["peak_gflops"] = s.flops() * 1e-9 / p.fma_s;
   state.counters["attn_threads"] = threads;
 }
 
@@ -245,7 +250,7 @@ void BM_Decode(benchmark::State& state, const Shape& s) {
     kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
-  }, bytes, threads, false);
+  }, bytes, s.flops(), threads, false);
   set_counters(state, s, kv_bytes, threads, p);
   state.SetLabel(std::string(kvattn::dtype_name(storage_dtype)) + "/" + std::string(kvattn::isa_name(kvattn::active_isa())));
 }
@@ -278,7 +283,7 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
     });
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }, bytes, threads, false);
+  }, bytes, s.flops(), threads, false);
   set_counters(state, s, kv_bytes, threads, p);
   state.SetLabel("f32");
 }
@@ -305,7 +310,7 @@ void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   };
-  set_counters(state, s, kv_bytes, threads, paired_loop(state, step, kv_ranges(*r.cache, s, kv_bytes), threads, cold));
+  set_counters(state, s, kv_bytes, threads, paired_loop(state, step, kv_ranges(*r.cache, s, kv_bytes), s.flops(), threads, cold));
   state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)));
 }
 

@@ -23,21 +23,6 @@ inline std::vector<float> random_floats(std::size_t n, unsigned seed) {
   return x;
 }
 
-/// Shortest wall time of `reps` calls of fn(), in seconds. For probes of what the machine can do
-/// (bandwidth, peak FLOPs) the best run is the estimate: interference from other processes only
-/// ever makes a run slower, whereas a median absorbs it whenever the machine is busy for a while.
-template <class Fn>
-double best_seconds(int reps, Fn&& fn) {
-  double best = 0;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = r == 0 ? t : std::min(best, t);
-  }
-  return best;
-}
-
 /// The benchmark loop: calls body() once per iteration and returns the wall seconds per iteration,
 /// the same quantity as the reported "Time" (real time). Counters such as GB/s are computed from it:
 /// plain numbers, unlike kIsRate counters, which divide by CPU time unless the benchmark uses

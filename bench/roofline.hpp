@@ -1,7 +1,7 @@
 // Machine limits measured in-process, so a kernel's time can be compared with the fastest it could
-// possibly be: floor = max(time to stream its bytes, its FLOPs at peak rate). The benchmarks time
-// the stream on the kernel's own K/V bytes, alternating with the kernel (bench_decode.cpp). Both
-// probes are the library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels
+// possibly be: floor = max(time to stream its bytes, time of its FLOPs at the peak FMA rate). The
+// benchmarks time both probes alternating with the kernel (bench_decode.cpp): the stream on the
+// kernel's own K/V bytes, the FMA loop on its FLOP count. Both probes are the library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels
 // use (active_isa(), e.g. AVX-512 through target attributes even in a build without -march flags),
 // so the floor is that of the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
 #pragma once
@@ -9,10 +9,9 @@
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
-#include <map>
 #include <span>
-#include <utility>
 #include <vector>
 
 #include "common.hpp"
@@ -21,25 +20,25 @@
 
 namespace kvattn_bench {
 
-/// Peak f32 FMA rate of `threads` threads in GFLOP/s (each thread runs its own register-resident
-/// FMA chains), measured once per thread count and ISA path. Many ~1 ms runs, best kept: on a shared machine
-/// some run of all threads soon fits between other processes' time slices.
-inline double peak_gflops(int threads) {
-  // Per ISA path too: benchmarks force paths (Roofline/...), and each path has its own peak.
-  static std::map<std::pair<int, kvattn::isa>, double> memo;
-  const auto key = std::make_pair(threads, kvattn::active_isa());
-  if (auto it = memo.find(key); it != memo.end()) return it->second;
-  constexpr std::int64_t iterations = std::int64_t{1} << 18;
-  double flops = 0;
-  const double s = best_seconds(25, [&] {
-    kvattn::kernels::parallel_for(threads, threads, [&](std::int64_t, int t) {
-      float sink = static_cast<float>(t);
-      const double f = kvattn::kernels::fma_peak_flops(iterations, sink);
-      if (t == 0) flops = f;
-      benchmark::DoNotOptimize(sink);
-    });
+/// Seconds `threads` threads take for `flops` FLOPs of register-resident FMA chains (each thread
+/// its share), on the active ISA path: the compute floor of a kernel doing that many FLOPs. Timed
+/// beside each kernel step like the stream (bench_decode's paired loop), because this machine's
+/// clock moves with its neighbours' load: a peak measured once per process made compute-bound
+/// ratios drift by 15% between runs (357 vs 423 GFLOP/s on 2 threads, an hour apart).
+inline double fma_seconds(double flops, int threads) {
+  float probe = 0;
+  const double per_iteration = kvattn::kernels::fma_peak_flops(1, probe);  // FLOPs of one iteration
+  const auto iterations = static_cast<std::int64_t>(std::ceil(flops / threads / per_iteration));
+  std::vector<float> sinks(static_cast<std::size_t>(threads));
+  const auto t0 = std::chrono::steady_clock::now();
+  kvattn::kernels::parallel_for(threads, threads, [&](std::int64_t, int t) {
+    float sink = static_cast<float>(t);
+    kvattn::kernels::fma_peak_flops(iterations, sink);
+    sinks[static_cast<std::size_t>(t)] = sink;
   });
-  return memo.emplace(key, flops * threads / s * 1e-9).first->second;
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  benchmark::DoNotOptimize(sinks.data());
+  return s;
 }
 
 /// One streaming read of the float ranges `parts` by `threads` threads (16 pieces per thread per

@@ -345,16 +345,16 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   // 8 heads x 32768 keys: chunks of 4096.
   plan = decode_plan(8, 1, 32768);
   EXPECT_EQ(plan.items.size(), 64u);
-  // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (512): 8 items.
+  // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (1024): 4 items.
   plan = decode_plan(1, 1, 4096);
-  EXPECT_EQ(plan.items.size(), 8u);
-  // Ragged tail: 5000 keys in chunks of 512 -> 10 chunks, the last one 392 keys.
+  EXPECT_EQ(plan.items.size(), 4u);
+  // Ragged tail: 5000 keys in chunks of 1024 -> 5 chunks, the last one 904 keys.
   plan = decode_plan(1, 1, 5000);
-  ASSERT_EQ(plan.items.size(), 10u);
+  ASSERT_EQ(plan.items.size(), 5u);
   std::int64_t covered = 0, shortest = 5000;
   for (const auto& w : plan.items) covered += w.key_end - w.key_begin, shortest = std::min(shortest, w.key_end - w.key_begin);
   EXPECT_EQ(covered, 5000);
-  EXPECT_EQ(shortest, 392);
+  EXPECT_EQ(shortest, 904);
   // 16 sequences x 8 heads = 128 units: enough items already, no split.
   plan = decode_plan(8, 16, 1024);
   EXPECT_EQ(plan.items.size(), 128u);
