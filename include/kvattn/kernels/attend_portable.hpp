@@ -19,9 +19,12 @@ namespace kvattn::kernels {
 inline constexpr int key_tile = 32;
 
 struct AttendTile;
-/// Converts n K (values=false) or V rows of a tile's KV head from key k0 on to f32 rows dp floats
-/// apart: the per-storage-type half of a vectorized kernel.
-using TileLoader = void (*)(const AttendTile&, std::int64_t k0, int n, bool values, float* dst, std::int64_t dp);
+/// Points rows[0 .. n) at the K (values=false) or V rows of a tile's KV head from key k0 on, as f32
+/// rows of dp floats (zero-padded past the head dim): the stored rows themselves where they already
+/// are (f32, head dim a multiple of the vector width), else copies converted into `buffer` (rows dp
+/// floats apart). The per-storage-type half of a vectorized kernel.
+using TileLoader = void (*)(const AttendTile&, std::int64_t k0, int n, bool values, float* buffer, std::int64_t dp,
+                            const float** rows);
 
 /// Keys per tile of the vectorized kernels.
 inline constexpr int key_tile_simd = 16;
