@@ -109,6 +109,28 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows(const float* qt, int rp, const f
   }
 }
 
+/// acc[r][k] = o[r * stride + k * L] * alpha[r * alpha_step]: the R x NV output accumulators of a
+/// P·V pass, rescaled for the tile's new running max.
+template <int R, int NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void load_scaled(vec (&acc)[R][NV], const float* o, int stride, const float* alpha, int alpha_step) {
+  KVATTN_UNROLL(16)
+  for (int r = 0; r < R; ++r) {
+    const vec a = V::set1(alpha[r * alpha_step]);
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * stride + k * L), a);
+  }
+}
+
+/// o[r * stride + k * L] = acc[r][k].
+template <int R, int NV>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void store_rows(const vec (&acc)[R][NV], float* o, int stride) {
+  KVATTN_UNROLL(16)
+  for (int r = 0; r < R; ++r) {
+    KVATTN_UNROLL(16)
+    for (int k = 0; k < NV; ++k) V::store(o + r * stride + k * L, acc[r][k]);
+  }
+}
+
 /// Rows of the buffered kernel's P·V that share each loaded V vector: 4 x 4 accumulators where
 /// there are 32 vector registers, 2 x 4 with 16 (AVX2), so no accumulator spills.
 inline constexpr int pv_block_rows = V::registers >= 32 ? 4 : 2;
@@ -120,12 +142,7 @@ template <int RB, int NV>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* p, int prs, int pks, const float* alpha,
                                                  const float* const* vr, int c0, int n) {
   vec acc[RB][NV];
-  KVATTN_UNROLL(4)
-  for (int r = 0; r < RB; ++r) {
-    const vec a = V::set1(alpha[r]);
-    KVATTN_UNROLL(4)
-    for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * dp + k * L), a);
-  }
+  load_scaled(acc, o, dp, alpha, 1);
   for (int j = 0; j < n; ++j) {
     vec pj[RB];
     KVATTN_UNROLL(4)
@@ -137,11 +154,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* 
       for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
     }
   }
-  KVATTN_UNROLL(4)
-  for (int r = 0; r < RB; ++r) {
-    KVATTN_UNROLL(4)
-    for (int k = 0; k < NV; ++k) V::store(o + r * dp + k * L, acc[r][k]);
-  }
+  store_rows(acc, o, dp);
 }
 
 /// pv_block over whole rows (dp floats): passes of 4 vectors, then single vectors.
@@ -395,12 +408,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   constexpr int lines = (NV * L * static_cast<int>(sizeof(T)) + 63) / 64;  // of each row, in this pass
   const std::ptrdiff_t line0 = std::ptrdiff_t{c0} * static_cast<std::ptrdiff_t>(sizeof(T)) / 64 * 64;
   vec acc[R][NV];
-  KVATTN_UNROLL(16)
-  for (int r = 0; r < R; ++r) {
-    const vec a = V::set1(alpha[r * KB]);
-    KVATTN_UNROLL(16)
-    for (int k = 0; k < NV; ++k) acc[r][k] = V::mul(V::load(o + r * d + k * L), a);
-  }
+  load_scaled(acc, o, d, alpha, KB);
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
@@ -427,11 +435,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
       }
     }
   }
-  KVATTN_UNROLL(16)
-  for (int r = 0; r < R; ++r) {
-    KVATTN_UNROLL(16)
-    for (int k = 0; k < NV; ++k) V::store(o + r * d + k * L, acc[r][k]);
-  }
+  store_rows(acc, o, d);
 }
 
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K and V rows are
