@@ -44,9 +44,9 @@ struct SplitRules {
   /// since every chunk costs a start-up and a merge (Zen 4, MHA 32 heads d=128 T=4096 f16 decode,
   /// 2 threads, medians of 7 A/B runs: 2.16 ms with 256 chunks of 512 keys, 1.90 ms with 64 of 2048).
   std::int64_t target_items = 64;
-  /// Never smaller chunks than this: a chunk costs a start-up and a merge, ~1 us on 2 threads here
-  /// (Sapphire Rapids, 2 threads, f16, medians of 5 interleaved runs, 512 -> 1024 keys: GQA 32/8
-  /// T=4096 decode 483 -> 470 us, MQA 32/1 T=4096 281 -> 268 us).
+  /// Never smaller chunks than this: a chunk costs a start-up and a merge, ~1 us on 2 threads (Xeon
+  /// model 207, f16, medians of 5 interleaved runs, 512 -> 1024 keys: GQA 32/8 T=4096 decode 483 ->
+  /// 470 us, MQA 32/1 T=4096 281 -> 268 us).
   std::int64_t min_chunk_keys = 1024;
 
   /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
