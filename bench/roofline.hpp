@@ -1,9 +1,10 @@
 // Machine limits measured in-process, so a kernel's time can be compared with the fastest it could
 // possibly be: floor = max(time to stream its bytes, time of its FLOPs at the peak FMA rate). The
 // benchmarks time both probes alternating with the kernel (bench_decode.cpp): the stream on the
-// kernel's own K/V bytes, the FMA loop on its FLOP count. Both probes are the library's own (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels
-// use (active_isa(), e.g. AVX-512 through target attributes even in a build without -march flags),
-// so the floor is that of the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
+// kernel's own K/V bytes, the FMA loop on its FLOP count. Both probes are the library's own
+// (kvattn/kernels/dispatch.hpp) and run on the ISA path the kernels use (active_isa(), e.g.
+// AVX-512 through target attributes even in a build without -march flags), so the floor is that of
+// the code actually measured. KVATTN_ISA=scalar|avx2|avx512 switches both.
 #pragma once
 
 #include <benchmark/benchmark.h>
