@@ -35,9 +35,11 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   using T = typename storage<Dtype>::type;
   const int d = t.slot->head_dim;
   KvRowCursor cursor(*t.slot, t.seq, t.kv_head, k0, values);
-  if (Dtype == kv_dtype::f32 && d == dp) {
-    for (int j = 0; j < n; ++j, cursor.next()) rows[j] = reinterpret_cast<const float*>(cursor.row());
-    return;
+  if constexpr (Dtype == kv_dtype::f32) {
+    if (d == dp) {
+      for (int j = 0; j < n; ++j, cursor.next()) rows[j] = reinterpret_cast<const float*>(cursor.row());
+      return;
+    }
   }
   for (int j = 0; j < n; ++j, cursor.next()) {
     V::convert(reinterpret_cast<const T*>(cursor.row()), buffer + j * dp, d);
@@ -423,13 +425,13 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
                                                        std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
   constexpr int KB = L / R;
   constexpr int lines = (NV * L * static_cast<int>(sizeof(T)) + 63) / 64;  // of each row, in this pass
-  const std::ptrdiff_t line0 = std::ptrdiff_t{c0} * static_cast<std::ptrdiff_t>(sizeof(T)) / 64 * 64;
+  const std::ptrdiff_t first_line = std::ptrdiff_t{c0} * static_cast<std::ptrdiff_t>(sizeof(T)) / 64 * 64;  // bytes
   vec acc[R][NV];
   load_scaled(acc, o, d, alpha, KB);
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
-      prefetch_lines(next_k, v_bytes + line0, b * KB + j, b * KB + j + 1, lines);
+      prefetch_lines(next_k, v_bytes + first_line, b * KB + j, b * KB + j + 1, lines);
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
