@@ -79,36 +79,43 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_tile(const float* q, const float* con
   }
 }
 
-/// sT[j * rp + r] = q_r . k_j for all rows r < rp and the tile's keys (rows kr; lanes over query
-/// rows: no horizontal sums). qt is the transposed query block [dp][rp]; two row vectors x
-/// V::qkt_keys keys of accumulators at a time.
+/// sT[j * rp + r] = q_r . k_j for the rows rb .. rb + L (Two: rb .. rb + 2L) and the tile's keys
+/// (rows kr; lanes over query rows: no horizontal sums). qt is the transposed query block [dp][rp];
+/// row vectors x V::qkt_keys keys of accumulators at a time.
+template <bool Two>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows_block(const float* qt, int rp, int rb, const float* const* kr, int dp, float* sT) {
+  constexpr int KB = V::qkt_keys;
+  for (int jb = 0; jb < key_tile_simd; jb += KB) {
+    vec a0[KB], a1[KB];
+    KVATTN_UNROLL(16)
+    for (int j = 0; j < KB; ++j) a0[j] = a1[j] = V::zero();
+    for (int c = 0; c < dp; ++c) {
+      const vec q0 = V::load(qt + c * rp + rb);
+      const vec q1 = Two ? V::load(qt + c * rp + rb + L) : V::zero();
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) {
+        const vec kj = V::set1(kr[jb + j][c]);
+        a0[j] = V::fma(q0, kj, a0[j]);
+        if constexpr (Two) a1[j] = V::fma(q1, kj, a1[j]);
+      }
+    }
+    KVATTN_UNROLL(16)
+    for (int j = 0; j < KB; ++j) {
+      V::store(sT + (jb + j) * rp + rb, a0[j]);
+      if constexpr (Two) V::store(sT + (jb + j) * rp + rb + L, a1[j]);
+    }
+  }
+}
+
+/// qk_rows_block over all rows r < rp: two row vectors at a time, the last one alone if rp is odd
+/// in vectors. (With a run-time flag for the second vector the compiler issued its FMAs on zeros:
+/// MQA 48/1 d=128 decode, one thread, 1024 keys in L2: f16 216 -> 189 us, f32 200 -> 178 us.)
 template <int SD>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows(const float* qt, int rp, const float* const* kr, int dp_runtime, float* sT) {
   const int dp = SD != dynamic ? SD : dp_runtime;
-  constexpr int KB = V::qkt_keys;
-  for (int rb = 0; rb < rp; rb += 2 * L) {
-    const bool two = rb + L < rp;
-    for (int jb = 0; jb < key_tile_simd; jb += KB) {
-      vec a0[KB], a1[KB];
-      KVATTN_UNROLL(16)
-      for (int j = 0; j < KB; ++j) a0[j] = a1[j] = V::zero();
-      for (int c = 0; c < dp; ++c) {
-        const vec q0 = V::load(qt + c * rp + rb);
-        const vec q1 = two ? V::load(qt + c * rp + rb + L) : V::zero();
-        KVATTN_UNROLL(16)
-        for (int j = 0; j < KB; ++j) {
-          const vec kj = V::set1(kr[jb + j][c]);
-          a0[j] = V::fma(q0, kj, a0[j]);
-          a1[j] = V::fma(q1, kj, a1[j]);
-        }
-      }
-      KVATTN_UNROLL(16)
-      for (int j = 0; j < KB; ++j) {
-        V::store(sT + (jb + j) * rp + rb, a0[j]);
-        if (two) V::store(sT + (jb + j) * rp + rb + L, a1[j]);
-      }
-    }
-  }
+  int rb = 0;
+  for (; rb + 2 * L <= rp; rb += 2 * L) qk_rows_block<true>(qt, rp, rb, kr, dp, sT);
+  if (rb < rp) qk_rows_block<false>(qt, rp, rb, kr, dp, sT);
 }
 
 /// acc[r][k] = o[r * stride + k * L] * alpha[r * alpha_step]: the R x NV output accumulators of a
@@ -598,7 +605,10 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
       if (rows == 4) return attend_rows_direct<4, SD, Dtype>(t, scratch, d);
     // 8 and 16 rows need 16 accumulators plus up to 16 query vectors and at least one key per score
     // vector: AVX-512 only (Zen 4, GQA d=128 T=32768 f16 decode, 2 threads: 64/8 heads 14.2 -> 7.3
-    // ms, 128/8 heads 20.6 -> 13.0 ms against the buffered kernel).
+    // ms, 128/8 heads 20.6 -> 13.0 ms against the buffered kernel). 16 rows in the buffered kernel's
+    // lanes (no horizontal sums) are faster only while K/V sit in L2 (Xeon model 207, 32/2 heads
+    // f16, 2 threads, medians of 3 interleaved runs: T=4096 320 -> 317 us, T=32768 2.67 -> 2.82 ms,
+    // f32 T=4096 296 -> 345 us): the direct kernel's prefetches matter more.
     if constexpr (L >= 16 && V::registers >= 32) {
       if constexpr (StaticGroup == dynamic || StaticGroup <= 8)
         if (rows == 8) return attend_rows_direct<8, SD, Dtype>(t, scratch, d);
