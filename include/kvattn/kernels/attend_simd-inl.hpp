@@ -349,14 +349,29 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
   return x;
 }
 
-/// Where dim c of a row of d dims sits when the row is kept in the order load_stored2 delivers a
-/// split type's elements: within every whole block of 2L dims the even dims, then the odd ones;
-/// a last partial block stays in order.
-KVATTN_ALWAYS_INLINE int paired_position(int c, int d) {
-  const int block = c / (2 * L) * (2 * L);
-  if (block + 2 * L > d) return c;
-  const int i = c - block;
-  return block + (i & 1) * L + (i >> 1);
+/// dst = src * scale for a row of d floats (d a multiple of L), kept in the order load_stored2
+/// delivers a split type's elements if Paired: within every whole block of 2L dims the even dims,
+/// then the odd ones; a last partial block stays in order.
+template <bool Paired>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void scale_row(const float* src, float scale, int d, float* dst) {
+  const vec s = V::set1(scale);
+  int c = 0;
+  if constexpr (Paired)
+    for (; c + 2 * L <= d; c += 2 * L) {
+      vec e, o;
+      V::deinterleave(src + c, e, o);
+      V::store(dst + c, V::mul(e, s));
+      V::store(dst + c + L, V::mul(o, s));
+    }
+  for (; c < d; c += L) V::store(dst + c, V::mul(V::load(src + c), s));
+}
+
+/// The inverse order of scale_row<true>: a row of d floats kept in load_stored2's order of a split
+/// type back in dim order.
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void unpair_row(const float* src, int d, float* dst) {
+  int c = 0;
+  for (; c + 2 * L <= d; c += 2 * L) V::interleave(V::load(src + c), V::load(src + c + L), dst + c);
+  for (; c < d; c += L) V::store(dst + c, V::load(src + c));
 }
 
 /// acc[r * KB + j] = q_r . k_j for the R rows and the KB = L / R keys kr[0 .. KB), K vectors
@@ -364,7 +379,7 @@ KVATTN_ALWAYS_INLINE int paired_position(int c, int d) {
 /// prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
 /// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
 /// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
-/// (load_stored2; q in the order it delivers, see paired_position), with the rows' q in registers;
+/// (load_stored2; q in the order it delivers, see scale_row), with the rows' q in registers;
 /// 8 and 16 rows one vector at a time, q from memory; one row of a static head dim keys outer.
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
@@ -492,7 +507,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* alpha = lanes[2];
   for (int r = 0; r < R; ++r) {
     const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
-    for (int c = 0; c < d; ++c) qs[r * d + (q_paired ? paired_position(c, d) : c)] = src[c] * (t.scale * log2e);
+    scale_row<q_paired>(src, t.scale * log2e, d, qs + r * d);
   }
   for (int a = 0; a < L; ++a) key_of_lane[a] = static_cast<float>(a % KB);
   std::fill_n(o, R * d, 0.f);
@@ -581,8 +596,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   V::store(lanes[3], l);
   for (int r = 0; r < R; ++r) lrow[r] = lanes[3][r * KB];
   if constexpr (o_paired) {  // back to dim order, through the q buffer (no longer needed)
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < d; ++c) qs[r * d + c] = o[r * d + paired_position(c, d)];
+    for (int r = 0; r < R; ++r) unpair_row(o + r * d, d, qs + r * d);
     o = qs;
   }
   finish_rows(t, R, mrow, lrow, o, d, d);

@@ -17,6 +17,8 @@
 //                              [L, 2L), or, where evens_odds<T>, the even and the odd elements
 //   evens_odds<T>              whether load_stored2 splits T into even and odd elements (bf16 on
 //                              x86: a shift and a mask of one load instead of two widenings)
+//   deinterleave(src, e, o)    2 x lanes floats as their even and their odd elements
+//   interleave(e, o, dst)      the inverse: stores 2 x lanes floats, e's at even positions
 #pragma once
 
 #include <Eigen/Core>
@@ -115,6 +117,15 @@ struct V {
   }
   template <class T>
   static constexpr bool evens_odds = std::is_same_v<T, Eigen::bfloat16>;
+  KVATTN_V void deinterleave(const float* p, vec& e, vec& o) {
+    const vec a = load(p), b = load(p + 16);
+    e = _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+    o = _mm512_permutex2var_ps(a, _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31), b);
+  }
+  KVATTN_V void interleave(vec e, vec o, float* p) {
+    store(p, _mm512_permutex2var_ps(e, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23), o));
+    store(p + 16, _mm512_permutex2var_ps(e, _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31), o));
+  }
   KVATTN_V void convert(const float* s, float* d, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_loadu_ps(s + i));
@@ -208,6 +219,16 @@ struct V {
   }
   template <class T>
   static constexpr bool evens_odds = std::is_same_v<T, Eigen::bfloat16>;
+  KVATTN_V void deinterleave(const float* p, vec& e, vec& o) {
+    const vec a = load(p), b = load(p + 8);  // shuffle_ps pairs within 128-bit halves; permute4x64 orders them
+    e = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0))), _MM_SHUFFLE(3, 1, 2, 0)));
+    o = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1))), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  KVATTN_V void interleave(vec e, vec o, float* p) {
+    const vec lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);
+    store(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    store(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
@@ -272,6 +293,11 @@ struct V {
   KVATTN_V void load_stored2(const T* p, vec& a, vec& b) { a = load_stored(p), b = load_stored(p + 4); }
   template <class T>
   static constexpr bool evens_odds = false;  // vshll widens bf16 in one instruction already
+  KVATTN_V void deinterleave(const float* p, vec& e, vec& o) {
+    const float32x4x2_t v = vld2q_f32(p);
+    e = v.val[0], o = v.val[1];
+  }
+  KVATTN_V void interleave(vec e, vec o, float* p) { vst2q_f32(p, float32x4x2_t{{e, o}}); }
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
