@@ -13,7 +13,8 @@
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
-// forces one). Extra flag: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type (default f16).
+// forces one). Extra flags: --kv_dtype=f16|bf16|f32, the kvattn cache's storage type for the Decode
+// grid (default f16); --huge_pages, the kvattn caches on kvattn::HugePageResource (2 MiB pages).
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
 //   Roofline/<D1..D5>/<dtype>/<isa>[/cold]/threads:<n>          the decode shapes, runtime dispatch
 //   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
@@ -25,6 +26,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <memory_resource>
 #include <numeric>
 #include <span>
 #include <stdexcept>
@@ -52,6 +54,7 @@ constexpr std::int64_t kvattn_limit = 10 * GiB;
 constexpr std::int64_t eigen_limit = 4 * GiB;
 
 kvattn::kv_dtype storage_dtype = kvattn::kv_dtype::f16;  // --kv_dtype
+bool huge_pages = false;                                  // --huge_pages: kvattn caches on HugePageResource
 
 struct Shape {
   std::string design;  // e.g. "GQA-32x8"
@@ -104,7 +107,9 @@ Resident& resident(const std::string& key) {
 
 std::unique_ptr<Cache> build_cache(const Shape& s, kvattn::kv_dtype dtype) {
   const kvattn::ModelConfig config(kvattn::HeadShape(q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1), dtype);
-  auto cache = std::make_unique<Cache>(config, kvattn::ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch});
+  static kvattn::HugePageResource huge_page_resource;
+  auto cache = std::make_unique<Cache>(config, kvattn::ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch},
+                                       huge_pages ? &huge_page_resource : std::pmr::new_delete_resource());
   // Storage bytes of the pattern, written with write_stored: converting GBs from f32 would take minutes.
   const std::vector<float> p = pattern_f32(dtype);
   const std::size_t elem = static_cast<std::size_t>(kvattn::dtype_bytes(dtype));
@@ -356,6 +361,10 @@ int main(int argc, char** argv) {
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
     const std::string_view a = argv[i];
+    if (a == "--huge_pages") {
+      huge_pages = true;
+      continue;
+    }
     if (!a.starts_with("--kv_dtype=")) {
       args.push_back(argv[i]);
       continue;

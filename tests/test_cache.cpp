@@ -2,6 +2,7 @@
 // fork with copy-on-write, pluggable memory resources, and errors that leave the cache unchanged.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <memory_resource>
 
 #include "reference.hpp"
@@ -132,6 +133,45 @@ TEST(KvCache, ContiguousReservesUpFront) {
   cache.remove_sequence(5);
   EXPECT_EQ(cache.reserved_bytes(), 0);  // returned to the resource
   EXPECT_EQ(res.bytes, 0);
+}
+
+TEST(HugePageResource, MapsLargeBlocksOnWholeHugePagesAndSendsSmallOnesUpstream) {
+  std::mt19937_64 rng(11);
+  CountingResource upstream;
+  HugePageResource res(&upstream);
+  const ModelConfig cfg = small_config();
+  // A contiguous sequence of 10000 tokens is 2.5 MiB: one large block.
+  KvCache<ContiguousLayout> big(cfg, ContiguousLayout{10000, 2}, &res);
+  big.add_sequence(1);
+  append_random(big, 1, 9999, rng);
+  const auto k = kvattn::testing::random_floats(rng, 2 * 32), v = kvattn::testing::random_floats(rng, 2 * 32);
+  big.append(1, 1, k.data(), v.data());  // the last token, read back below
+  EXPECT_EQ(big.reserved_bytes(), 10000 * cfg.kv_bytes_per_token());  // the bytes asked for, not the rounding
+  EXPECT_EQ(upstream.allocations, HugePageResource::maps_huge(static_cast<std::size_t>(big.block_bytes()), block_alignment) ? 0 : 1);
+  // Paged blocks of 4 tokens are 1 KiB: upstream.
+  KvCache<PagedLayout> paged(cfg, PagedLayout{4}, &res);
+  paged.add_sequence(2);
+  const std::int64_t before = upstream.allocations;
+  append_random(paged, 2, 16, rng);
+  EXPECT_EQ(upstream.allocations, before + 4);
+  std::vector<float> kr(32), vr(32);
+  big.read(1, 0, 9999, kr.data(), vr.data());
+  for (int i = 0; i < 32; ++i) {
+    EXPECT_EQ(kr[i], round_to_dtype(k[i], kv_dtype::f16));
+    EXPECT_EQ(vr[i], round_to_dtype(v[i], kv_dtype::f16));
+  }
+  big.remove_sequence(1);
+  paged.remove_sequence(2);
+  paged.release_free_blocks();  // every upstream byte returned
+  EXPECT_EQ(upstream.bytes, 0);
+#if defined(__linux__)
+  EXPECT_TRUE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes, 64));
+  void* p = res.allocate(HugePageResource::huge_page_bytes + 1, 64);  // rounded up to two huge pages
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % HugePageResource::huge_page_bytes, 0u);
+  std::memset(p, 1, 2 * HugePageResource::huge_page_bytes);  // both pages are usable
+  res.deallocate(p, HugePageResource::huge_page_bytes + 1, 64);
+#endif
+  EXPECT_FALSE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes - 1, 64));
 }
 
 TEST(KvCache, UserWrittenLayoutPlugsIn) {

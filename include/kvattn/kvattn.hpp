@@ -7,6 +7,7 @@
 #include "kvattn/config/head_layout.hpp"
 #include "kvattn/config/layer_map.hpp"
 #include "kvattn/config/model_config.hpp"
+#include "kvattn/cache/huge_page_resource.hpp"
 #include "kvattn/cache/kv_cache.hpp"
 #include "kvattn/cache/kv_view.hpp"
 #include "kvattn/cache/layout.hpp"
