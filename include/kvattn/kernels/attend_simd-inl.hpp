@@ -381,6 +381,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void unpair_row(const float* src, int d, floa
 /// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
 /// (load_stored2; q in the order it delivers, see scale_row), with the rows' q in registers;
 /// 8 and 16 rows one vector at a time, q from memory; one row of a static head dim keys outer.
+/// (16 rows of 16-bit K on AVX-512 take direct_qk_lanes instead.)
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
                                                   vec* acc) {
@@ -437,6 +438,47 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
   }
 }
 
+/// Score vectors of L rows (one key each: 16 rows on AVX-512) without horizontal sums: lane r of
+/// score vector j is q_r . k_j, summed one dim at a time as ql[c] (q_r[c] in lane r) times k_j[c]
+/// broadcast. The 16-bit K rows of 8 keys at a time are converted into kb first, and the same keys
+/// of the next tile are prefetched a part of a row at a time, spread over the dims as direct_qk
+/// does. The transposed horizontal sums this replaces cost 45 shuffles and adds per key (GQA 32/2
+/// d=128 decode, 2 threads, medians of 3 interleaved runs: T=4096 f16 321 -> 290 us, bf16 321 ->
+/// 295 us; T=32768 f16 2.67 -> 2.46 ms). Not for f32 rows, broadcast where they are stored: 293 ->
+/// 307 us. Not for 8 rows with pairs of keys interleaved for a 64-bit broadcast: one thread, 1024
+/// keys in L2, f16 40.5 -> 41.9 us. All kt keys' scores are written (rows past a tile's end repeat
+/// a valid row).
+template <int SD, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_runtime, const T* const* kr, const T* const* next_k,
+                                                        int kt, float* kb, float* p) {
+  constexpr int KB = 8;  // keys per block: independent FMA chains
+  const int d = SD != dynamic ? SD : d_runtime;
+  const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;
+  const int steps = d / L;
+  for (int j0 = 0; j0 < kt; j0 += KB) {
+    const float* keys[KB];
+    KVATTN_UNROLL(8)
+    for (int j = 0; j < KB; ++j) {
+      for (int c = 0; c < d; c += L) V::store(kb + j * d + c, V::load_stored(kr[j0 + j] + c));
+      keys[j] = kb + j * d;
+    }
+    vec acc[KB];
+    KVATTN_UNROLL(8)
+    for (int j = 0; j < KB; ++j) acc[j] = V::zero();
+    for (int i = 0; i < steps; ++i) {
+      const int line0 = i * row_lines / steps;
+      prefetch_lines(next_k, std::ptrdiff_t{line0} * 64, j0, j0 + KB, (i + 1) * row_lines / steps - line0);
+      for (int c = i * L; c < (i + 1) * L; ++c) {
+        const vec qv = V::load(ql + c * L);
+        KVATTN_UNROLL(8)
+        for (int j = 0; j < KB; ++j) acc[j] = V::fma(qv, V::set1(keys[j][c]), acc[j]);
+      }
+    }
+    KVATTN_UNROLL(8)
+    for (int j = 0; j < KB; ++j) V::store(p + (j0 + j) * L, acc[j]);
+  }
+}
+
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
 /// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
@@ -479,11 +521,12 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   store_rows(acc, o, d);
 }
 
-/// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K and V rows are
-/// converted in registers straight from the cache and each converted vector serves every row, so
-/// nothing is stored and reloaded. R rows x KB = L / R keys of dot products fill one transposed
-/// horizontal sum, whose lanes (row r, key j at lane r * KB + j) the online softmax then works on
-/// as they are: all rows at once, row reductions within groups of KB lanes, no scalar steps.
+/// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K
+/// and V rows are converted in registers straight from the cache and each converted vector serves
+/// every row, so nothing is stored and reloaded (but 16 rows' 16-bit K, see direct_qk_lanes). R
+/// rows x KB = L / R keys of dot products fill one transposed horizontal sum (or none), whose
+/// lanes (row r, key j at lane r * KB + j) the online softmax then works on as they are: all rows
+/// at once, row reductions within groups of KB lanes, no scalar steps.
 template <int R, int SD, kv_dtype Dtype>
 __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
   using T = typename storage<Dtype>::type;
@@ -494,12 +537,14 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // that order where the dot products take pairs (up to 4 rows), outputs where P·V passes do.
   constexpr bool q_paired = V::template evens_odds<T> && R <= 4;
   constexpr bool o_paired = V::template evens_odds<T> && NVP >= 2;
+  constexpr bool lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;  // see direct_qk_lanes
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const int d = SD != dynamic ? SD : d_runtime;
   const int group = t.group;
-  float* qs = scratch;   // R x d, pre-scaled by scale * log2(e)
-  float* o = qs + R * d; // R x d
+  float* qs = scratch;     // R x d, or (lanes_qk) d x R, pre-scaled by scale * log2(e)
+  float* o = qs + R * d;   // R x d
+  float* kb = o + R * d;   // lanes_qk: 8 K rows, converted
   alignas(64) float p[R * KT];  // scores, then probabilities, of the tile in score layout
   alignas(64) float lanes[4][L];  // per lane: key within its group, visible keys, alpha, scratch
   float* key_of_lane = lanes[0];
@@ -507,7 +552,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* alpha = lanes[2];
   for (int r = 0; r < R; ++r) {
     const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
-    scale_row<q_paired>(src, t.scale * log2e, d, qs + r * d);
+    if constexpr (lanes_qk) {
+      for (int c = 0; c < d; ++c) qs[c * R + r] = src[c] * (t.scale * log2e);
+    } else {
+      scale_row<q_paired>(src, t.scale * log2e, d, qs + r * d);
+    }
   }
   for (int a = 0; a < L; ++a) key_of_lane[a] = static_cast<float>(a % KB);
   std::fill_n(o, R * d, 0.f);
@@ -544,10 +593,14 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     }
     const T* const* kr = rows[cur];
     const T* const* next_k = rows[cur ^ 1];
-    for (int b = 0; b < nb; ++b) {
-      vec acc[L];
-      direct_qk<R, SD, T>(qs, d, kr + b * KB, next_k + b * KB, acc);
-      V::hsum(acc, p + b * L);
+    if constexpr (lanes_qk) {
+      direct_qk_lanes<SD, T>(qs, d, kr, next_k, KT, kb, p);
+    } else {
+      for (int b = 0; b < nb; ++b) {
+        vec acc[L];
+        direct_qk<R, SD, T>(qs, d, kr + b * KB, next_k + b * KB, acc);
+        V::hsum(acc, p + b * L);
+      }
     }
     // Keys each row sees (rows of one decode step see all n; earlier tokens of a chunk fewer).
     bool masked = false;
