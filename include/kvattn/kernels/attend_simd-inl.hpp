@@ -456,12 +456,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;
   const int steps = d / L;
   for (int j0 = 0; j0 < kt; j0 += KB) {
-    const float* keys[KB];
     KVATTN_UNROLL(16)
-    for (int j = 0; j < KB; ++j) {
-      for (int c = 0; c < d; c += L) V::store(kb + j * d + c, V::load_stored(kr[j0 + j] + c));
-      keys[j] = kb + j * d;
-    }
+    for (int j = 0; j < KB; ++j) V::convert(kr[j0 + j], kb + j * d, d);
     vec acc[KB];
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) acc[j] = V::zero();
@@ -471,7 +467,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
       for (int c = i * L; c < (i + 1) * L; ++c) {
         const vec qv = V::load(ql + c * L);
         KVATTN_UNROLL(16)
-        for (int j = 0; j < KB; ++j) acc[j] = V::fma(qv, V::set1(keys[j][c]), acc[j]);
+        for (int j = 0; j < KB; ++j) acc[j] = V::fma(qv, V::set1(kb[j * d + c]), acc[j]);
       }
     }
     KVATTN_UNROLL(16)
