@@ -379,14 +379,17 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void unpair_row(const float* src, int d, floa
 /// prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
 /// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
 /// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
-/// (load_stored2; q in the order it delivers, see scale_row), with the rows' q in registers;
-/// 8 and 16 rows one vector at a time, q from memory; one row of a static head dim keys outer.
-/// (16 rows of 16-bit K on AVX-512 take direct_qk_lanes instead.)
+/// (load_stored2; q in the order it delivers, see scale_row), with the rows' q in registers; so do
+/// 8 rows of a split type, the block's K vectors in registers and q from memory (bf16: one shift or
+/// mask per 16 values instead of a widening and a shift; GQA 8/1 d=128, one thread, 2048 keys in L2,
+/// minima of 9 interleaved runs, 80.6 -> 73.7 us; f16 and f32 gain nothing: 81.3 -> 81.4 us,
+/// 35.8 -> 36.3 us); other 8 and 16 rows one vector at a time, q from memory; one row of a static
+/// head dim keys outer. (16 rows of 16-bit K on AVX-512 take direct_qk_lanes instead.)
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
                                                   vec* acc) {
   constexpr int KB = L / R;
-  constexpr int W = R <= 4 ? 2 * L : L;  // dims per step
+  constexpr int W = R <= 4 || (R <= 8 && V::template evens_odds<T>) ? 2 * L : L;  // dims per step
   const int d = SD != dynamic ? SD : d_runtime;
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // constants for static d
   const int steps = (d + W - 1) / W;
@@ -423,7 +426,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         KVATTN_UNROLL(16)
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
       }
-    } else {
+    } else if constexpr (R <= 4) {
       vec q0[R], q1[R];
       KVATTN_UNROLL(4)
       for (int r = 0; r < R; ++r) q0[r] = V::load(qs + r * d + c), q1[r] = V::load(qs + r * d + c + L);
@@ -433,6 +436,16 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         V::load_stored2(kr[j] + c, k0, k1);
         KVATTN_UNROLL(4)
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(q1[r], k1, V::fma(q0[r], k0, acc[r * KB + j]));
+      }
+    } else {
+      vec k0[KB], k1[KB];
+      KVATTN_UNROLL(4)
+      for (int j = 0; j < KB; ++j) V::load_stored2(kr[j] + c, k0[j], k1[j]);
+      KVATTN_UNROLL(16)
+      for (int r = 0; r < R; ++r) {
+        const vec q0 = V::load(qs + r * d + c), q1 = V::load(qs + r * d + c + L);
+        KVATTN_UNROLL(4)
+        for (int j = 0; j < KB; ++j) acc[r * KB + j] = V::fma(q1, k1[j], V::fma(q0, k0[j], acc[r * KB + j]));
       }
     }
   }
@@ -530,8 +543,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   constexpr int KB = L / R;              // keys per score vector
   constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
   // Split types (bf16 on x86) come two vectors at a time as even and odd elements: q is kept in
-  // that order where the dot products take pairs (up to 4 rows), outputs where P·V passes do.
-  constexpr bool q_paired = V::template evens_odds<T> && R <= 4;
+  // that order where the dot products take pairs (up to 8 rows), outputs where P·V passes do.
+  constexpr bool q_paired = V::template evens_odds<T> && R <= 8;  // as direct_qk takes K
   constexpr bool o_paired = V::template evens_odds<T> && NVP >= 2;
   constexpr bool lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;  // see direct_qk_lanes
   constexpr float log2e = 1.44269504088896340736f;
