@@ -51,6 +51,25 @@ class KvRowCursor {
         blocks_end_((q.length + s.block_tokens - 1) / s.block_tokens),
         row_(blocks_[block_] + head_offset_ + (t % s.block_tokens) * row_bytes_) {}
   const std::byte* row() const { return row_; }
+  /// out[0 .. n) = the next n rows (as const T*), then moves past them: a block's rows at a time,
+  /// a multiply-add each and no per-row branch (a decode tile's 64 row pointers: 2.5% of its time
+  /// row by row with next(); GQA 4/1 d=128, one thread, 2048 keys in L2).
+  template <class T>
+  void take(int n, const T** out) {
+    while (n > 0) {
+      const int m = static_cast<int>(n < left_in_block_ ? n : left_in_block_);
+      for (int i = 0; i < m; ++i) out[i] = reinterpret_cast<const T*>(row_ + i * row_bytes_);
+      out += m;
+      n -= m;
+      if (m == left_in_block_) {
+        left_in_block_ = block_tokens_;
+        if (++block_ < blocks_end_) row_ = blocks_[block_] + head_offset_;  // past the end: stays, unread
+      } else {
+        left_in_block_ -= m;
+        row_ += m * row_bytes_;
+      }
+    }
+  }
   void next() {
     if (--left_in_block_ == 0) {
       left_in_block_ = block_tokens_;

@@ -36,10 +36,7 @@ KVATTN_TARGET void load_rows(const AttendTile& t, std::int64_t k0, int n, bool v
   const int d = t.slot->head_dim;
   KvRowCursor cursor(*t.slot, t.seq, t.kv_head, k0, values);
   if constexpr (Dtype == kv_dtype::f32) {
-    if (d == dp) {
-      for (int j = 0; j < n; ++j, cursor.next()) rows[j] = reinterpret_cast<const float*>(cursor.row());
-      return;
-    }
+    if (d == dp) return cursor.take(n, rows);
   }
   for (int j = 0; j < n; ++j, cursor.next()) {
     V::convert(reinterpret_cast<const T*>(cursor.row()), buffer + j * dp, d);
@@ -582,8 +579,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
-    KvRowCursor kc(*src.slot, src.seq, src.kv_head, k0, false);
-    for (int j = 0; j < n; ++j, kc.next()) rows[parity][j] = reinterpret_cast<const T*>(kc.row());
+    KvRowCursor(*src.slot, src.seq, src.kv_head, k0, false).take(n, rows[parity]);
     for (int j = n; j < KT; ++j) rows[parity][j] = rows[parity][n - 1];
   };
   int cur = 0;
