@@ -7,7 +7,8 @@
 //   qkt_keys                   keys per register block when lanes run over query rows
 //   zero set1 load store add sub mul min max fma(a, b, c) = a * b + c
 //   reduce_add reduce_max      horizontal reductions
-//   round pow2i                nearest integer; 2^n for integral n in [-126, 127]
+//   round                      nearest integer
+//   ldexp(x, n)                x * 2^n for integral n in [-126, 127] (AVX-512: one vscalefps)
 //   select_less(x, b, t, f)    lane-wise x < b ? t : f
 //   hsum(acc, out)             out[j] = sum of the lanes of acc[j], j < lanes (a transposed reduction)
 //   swap_adjacent<W>(v)        exchanges neighbouring groups of W lanes (W a power of two < lanes)
@@ -75,9 +76,7 @@ struct V {
   KVATTN_V float reduce_add(vec v) { return _mm512_reduce_add_ps(v); }
   KVATTN_V float reduce_max(vec v) { return _mm512_reduce_max_ps(v); }
   KVATTN_V vec round(vec v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  KVATTN_V vec pow2i(vec n) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-  }
+  KVATTN_V vec ldexp(vec x, vec n) { return _mm512_scalef_ps(x, n); }
   KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, b, _CMP_LT_OQ), f, t); }
   KVATTN_V void hsum(const vec* a, float* out) {
     // 16 vectors -> one: pairwise lane sums (unpack), then 128-bit quarters (shuffle_f32x4).
@@ -185,8 +184,8 @@ struct V {
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
   }
   KVATTN_V vec round(vec v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-  KVATTN_V vec pow2i(vec n) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  KVATTN_V vec ldexp(vec x, vec n) {  // 2^n from the exponent bits
+    return mul(x, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)));
   }
   KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return _mm256_blendv_ps(f, t, _mm256_cmp_ps(x, b, _CMP_LT_OQ)); }
   KVATTN_V void hsum(const vec* a, float* out) {
@@ -274,8 +273,8 @@ struct V {
   KVATTN_V float reduce_add(vec v) { return vaddvq_f32(v); }
   KVATTN_V float reduce_max(vec v) { return vmaxvq_f32(v); }
   KVATTN_V vec round(vec v) { return vrndnq_f32(v); }
-  KVATTN_V vec pow2i(vec n) {
-    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23));
+  KVATTN_V vec ldexp(vec x, vec n) {  // 2^n from the exponent bits
+    return vmulq_f32(x, vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtnq_s32_f32(n), vdupq_n_s32(127)), 23)));
   }
   KVATTN_V vec select_less(vec x, vec b, vec t, vec f) { return vbslq_f32(vcltq_f32(x, b), t, f); }
   KVATTN_V void hsum(const vec* a, float* out) { vst1q_f32(out, vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]))); }
