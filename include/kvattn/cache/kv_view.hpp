@@ -61,25 +61,23 @@ class KvRowCursor {
       for (int i = 0; i < m; ++i) out[i] = reinterpret_cast<const T*>(row_ + i * row_bytes_);
       out += m;
       n -= m;
-      if (m == left_in_block_) {
-        left_in_block_ = block_tokens_;
-        if (++block_ < blocks_end_) row_ = blocks_[block_] + head_offset_;  // past the end: stays, unread
-      } else {
-        left_in_block_ -= m;
-        row_ += m * row_bytes_;
-      }
+      skip(m);
     }
   }
-  void next() {
-    if (--left_in_block_ == 0) {
+  void next() { skip(1); }
+
+ private:
+  /// Moves past m <= left_in_block_ rows.
+  void skip(std::int64_t m) {
+    if (m == left_in_block_) {
       left_in_block_ = block_tokens_;
       if (++block_ < blocks_end_) row_ = blocks_[block_] + head_offset_;  // past the end: stays, unread
     } else {
-      row_ += row_bytes_;
+      left_in_block_ -= m;
+      row_ += m * row_bytes_;
     }
   }
 
- private:
   const std::byte* const* blocks_;
   std::int64_t block_, left_in_block_, block_tokens_, row_bytes_, head_offset_, blocks_end_;
   const std::byte* row_;
