@@ -103,7 +103,18 @@ struct V {
     else return _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2));
   }
   KVATTN_V vec load_stored(const float* p) { return _mm512_loadu_ps(p); }
-  KVATTN_V vec load_stored(const Eigen::half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  KVATTN_V vec load_stored(const Eigen::half* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+#if defined(__clang__)
+    // Clang 14 turns the plain conversion into a generic half-to-float extension and, in the direct
+    // kernel's unrolled loops, rebuilds the loaded vectors word by word (vpinsrw): GQA 4/1 d=128 f16
+    // decode, one thread, 2048 keys in L2, 84.4 us. The exception-suppressing form stays one
+    // instruction: 46.4 us (GCC: 45.8 us). GCC keeps the plain form, which folds the load.
+    return _mm512_cvt_roundph_ps(h, _MM_FROUND_NO_EXC);
+#else
+    return _mm512_cvtph_ps(h);
+#endif
+  }
   KVATTN_V vec load_stored(const Eigen::bfloat16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
   }
@@ -135,7 +146,7 @@ struct V {
   }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, load_stored(s + i));
     if (i < n) {
       const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
       _mm512_mask_storeu_ps(d + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + i)));
@@ -231,7 +242,7 @@ struct V {
   KVATTN_V void convert(const float* s, float* d, int n) { std::memcpy(d, s, sizeof(float) * static_cast<std::size_t>(n)); }
   KVATTN_V void convert(const Eigen::half* s, float* d, int n) {
     int i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, load_stored(s + i));
     for (; i < n; ++i) d[i] = _cvtsh_ss(Eigen::numext::bit_cast<std::uint16_t>(s[i]));
   }
   KVATTN_V void convert(const Eigen::bfloat16* s, float* d, int n) {
