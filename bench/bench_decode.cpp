@@ -18,6 +18,8 @@
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
 //   Roofline/<D1..D5>/<dtype>/<isa>[/cold]/threads:<n>          the decode shapes, runtime dispatch
 //   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
+//   Overlap/fmas_per_vector:<F>/threads:<n>                   streaming with F FMAs per loaded vector against
+//                                                             the same work in L2 (how far memory and compute overlap)
 // Quick subset (~30 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2/'
 
 #include <algorithm>
@@ -344,6 +346,55 @@ void register_roofline() {
   }
 }
 
+/// How far streaming and computing overlap on this machine: a streaming read of 16 MiB (D2's bf16
+/// K/V) doing F FMAs on every loaded vector (kvattn::kernels::stream_fma), timed beside the same
+/// read without FMAs (the floor) and the same work on 256 KiB that stay in L2. compute_ratio = L2
+/// time / floor is the work's own time, floor_ratio = streamed time / floor what it costs when the
+/// bytes come from memory; a decode kernel whose compute_ratio is the same cannot expect a lower
+/// floor_ratio than this loop, which has no dependencies, overheads or irregular accesses.
+void BM_Overlap(benchmark::State& state, int fmas) {
+  const int threads = static_cast<int>(state.range(0));
+  static const std::vector<float> data = kvattn_bench::random_floats(std::size_t{4} << 20, 11);  // 16 MiB
+  const std::span<const float> all(data);
+  const std::vector<std::span<const float>> memory{all};
+  // The same reads and FMAs on one 256 KiB slice per thread, read over and over (a thread each, not
+  // the stream's small pieces, whose scheduling would show at L2 speed).
+  const std::int64_t slice = std::int64_t{64} << 10, reps = static_cast<std::int64_t>(all.size()) / slice / threads;
+  std::vector<float> sinks(static_cast<std::size_t>(threads));
+  const auto in_l2 = [&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    kvattn::kernels::parallel_for(threads, threads, [&](std::int64_t i, int t) {
+      for (std::int64_t r = 0; r < reps; ++r) sinks[static_cast<std::size_t>(t)] += kvattn::kernels::stream_fma(data.data() + i * slice, slice, fmas);
+    });
+    benchmark::DoNotOptimize(sinks.data());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::vector<double> streamed, floor, l2;
+  for (auto _ : state) {
+    const double t = kvattn_bench::stream_read_seconds(memory, threads, fmas);
+    state.SetIterationTime(t);
+    streamed.push_back(t);
+    floor.push_back(kvattn_bench::stream_read_seconds(memory, threads));
+    l2.push_back(in_l2());
+  }
+  const auto median = [](std::vector<double>& v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0. : v[v.size() / 2];
+  };
+  const double f = median(floor);
+  state.counters["floor_ratio"] = median(streamed) / f;
+  state.counters["compute_ratio"] = median(l2) / f;
+  state.counters["stream_GB_per_s"] = static_cast<double>(all.size_bytes()) * 1e-9 / f;
+  state.counters["attn_threads"] = threads;
+  state.SetLabel(std::string(kvattn::isa_name(kvattn::active_isa())));
+}
+
+void register_overlap() {
+  for (int fmas : {2, 4, 6, 8, 10, 12, 14, 16})
+    benchmark::RegisterBenchmark(("Overlap/fmas_per_vector:" + std::to_string(fmas)).c_str(), BM_Overlap, fmas)
+        ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+}
+
 template <int KvHeads>
 void register_design(const std::string& design) {
   for (std::int64_t tokens : {1024, 4096, 16384, 32768})
@@ -384,5 +435,6 @@ int main(int argc, char** argv) {
   register_design<2>("GQA-32x2");
   register_design<1>("MQA-32x1");
   register_roofline();
+  register_overlap();
   return kvattn_bench::run_main(static_cast<int>(args.size()), args.data());
 }

@@ -227,6 +227,22 @@ TEST_P(PerIsa, VectorizedExpError) {
   EXPECT_LE(worst, 4e-7);
 }
 
+TEST_P(PerIsa, BenchmarkProbesReadEveryByte) {
+  // The floor's streaming read and the overlap probe (bench_decode) on a length with a tail: the
+  // sum, and fmas * 0.999999 * the sum; out-of-range FMA counts are refused.
+  std::vector<float> x(4099);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  double sum = 0, magnitude = 0;
+  for (float& v : x) v = u(rng), sum += v, magnitude += std::fabs(v);
+  const auto n = static_cast<std::int64_t>(x.size());
+  EXPECT_NEAR(kernels::stream_sum(x.data(), n, GetParam()), sum, 1e-5 * magnitude);
+  for (int fmas : {1, 7, 16})
+    EXPECT_NEAR(kernels::stream_fma(x.data(), n, fmas, GetParam()), fmas * 0.999999 * sum, 1e-5 * fmas * magnitude) << fmas;
+  EXPECT_THROW(kernels::stream_fma(x.data(), n, 0, GetParam()), config_error);
+  EXPECT_THROW(kernels::stream_fma(x.data(), n, 17, GetParam()), config_error);
+}
+
 TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   for (isa i : {isa::scalar, isa::avx2, isa::avx512, isa::neon}) {
     if (cpu_supports(i)) continue;

@@ -734,6 +734,43 @@ KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
   return V::reduce_add(r);
 }
 
+/// Streams n floats as stream_sum does and spends F FMAs on every loaded vector, spread over
+/// fma_peak_chains independent chains: a kernel of that arithmetic density with no dependencies,
+/// overheads or irregular accesses. Timed against the same work in L2, it shows how far streaming
+/// and computing overlap on a machine (bench_decode's Overlap benchmarks). Returns the sum of the
+/// FMAs' products, F * 0.999999 * sum(x) up to rounding (so tests can check what it read).
+template <int F>
+KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
+  constexpr int C = fma_peak_chains, ahead = 4096;
+  vec acc[C];
+  KVATTN_UNROLL(16)
+  for (int k = 0; k < C; ++k) acc[k] = V::set1(static_cast<float>(k));  // distinct, so no chains merge
+  const vec m = V::set1(0.999999f);
+  std::int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (int line = 0; line < 4 * L * 4; line += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i) + ahead + line, 0, 2);
+    KVATTN_UNROLL(4)
+    for (int v = 0; v < 4; ++v) {
+      const vec xv = V::load(x + i + v * L);
+      KVATTN_UNROLL(16)
+      for (int f = 0; f < F; ++f) acc[(v * F + f) % C] = V::fma(xv, m, acc[(v * F + f) % C]);
+    }
+  }
+  vec r = V::zero();
+  for (int k = 0; k < C; ++k) r = V::add(r, V::sub(acc[k], V::set1(static_cast<float>(k))));
+  float tail = 0;
+  for (; i < n; ++i) tail += x[i];
+  return V::reduce_add(r) + static_cast<float>(F) * 0.999999f * tail;
+}
+
+/// stream_fma_fixed<fmas> for a run-time fmas in [1, 16].
+template <int F = 16>
+KVATTN_TARGET inline float stream_fma(const float* x, std::int64_t n, int fmas) {
+  if constexpr (F > 1)
+    if (fmas < F) return stream_fma<F - 1>(x, n, fmas);
+  return stream_fma_fixed<F>(x, n);
+}
+
 /// y[i] = 2^x[i] with exp2v (whole vectors; the tail through std::exp2). For tests of its error.
 KVATTN_TARGET inline void exp2_array(const float* x, float* y, std::int64_t n) {
   std::int64_t i = 0;

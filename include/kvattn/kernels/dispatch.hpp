@@ -147,6 +147,28 @@ inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa())
   }
 }
 
+/// Overlap probe: stream_sum's read with `fmas` FMAs (1 to 16) on every loaded vector (see
+/// stream_fma_fixed); benchmarks compare it with the same work in L2. Returns fmas * 0.999999 *
+/// sum(x) up to rounding.
+inline float stream_fma(const float* x, std::int64_t n, int fmas, isa path = active_isa()) {
+  if (fmas < 1 || fmas > 16) kvattn::detail::fail<config_error>("stream_fma: FMAs per vector must be in [1, 16], got ", fmas);
+  switch (path) {
+#if defined(KVATTN_ARCH_X86_64)
+    case isa::avx512: return avx512::stream_fma(x, n, fmas);
+    case isa::avx2: return avx2::stream_fma(x, n, fmas);
+#endif
+#if defined(KVATTN_ARCH_AARCH64)
+    case isa::neon: return neon::stream_fma(x, n, fmas);
+#endif
+    default: {
+      float a[8] = {};
+      for (std::int64_t i = 0; i < n; ++i)
+        for (int f = 0; f < fmas; ++f) a[(i + f) % 8] += x[i] * 0.999999f;
+      return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+    }
+  }
+}
+
 /// y = 2^x with the vectorized exp of a path (the scalar path uses std::exp2).
 inline void exp2_array(const float* x, float* y, std::int64_t n, isa path = active_isa()) {
   switch (path) {
