@@ -746,8 +746,8 @@ KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
   KVATTN_UNROLL(16)
   for (int k = 0; k < C; ++k) acc[k] = V::set1(static_cast<float>(k));  // distinct, so no chains merge
   const vec m = V::set1(0.999999f);
-  std::int64_t i = 0;
-  for (; i + 4 * L <= n; i += 4 * L) {
+  const std::int64_t whole = n / (4 * L) * (4 * L);  // (a bound GCC can follow when n is a constant)
+  for (std::int64_t i = 0; i < whole; i += 4 * L) {
     for (int line = 0; line < 4 * L * 4; line += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i) + ahead + line, 0, 2);
     KVATTN_UNROLL(4)
     for (int v = 0; v < 4; ++v) {
@@ -759,7 +759,7 @@ KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
   vec r = V::zero();
   for (int k = 0; k < C; ++k) r = V::add(r, V::sub(acc[k], V::set1(static_cast<float>(k))));
   float tail = 0;
-  for (; i < n; ++i) tail += x[i];
+  for (std::int64_t i = whole; i < n; ++i) tail += x[i];
   return V::reduce_add(r) + static_cast<float>(F) * 0.999999f * tail;
 }
 
