@@ -194,6 +194,12 @@ struct Paired {
   double step_s, stream_s, fma_s;
 };
 
+/// The median of a benchmark's per-iteration times (0 when there are none); sorts v.
+double median(std::vector<double>& v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0. : v[v.size() / 2];
+}
+
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
 /// one step (the iteration's time), then one streaming read of the same K/V bytes, then the step's
 /// FLOPs as register-resident FMAs, with `threads` threads; the step and the stream after evicting
@@ -216,10 +222,6 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     streams.push_back(kvattn_bench::stream_read_seconds(bytes, threads));
     fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
-  const auto median = [](std::vector<double>& v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0. : v[v.size() / 2];
-  };
   return {median(steps), median(streams), median(fmas)};
 }
 
@@ -369,19 +371,15 @@ void BM_Overlap(benchmark::State& state, int fmas) {
     benchmark::DoNotOptimize(sinks.data());
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  std::vector<double> streamed, floor, l2;
+  std::vector<double> streamed, bare, l2;
   for (auto _ : state) {
     const double t = kvattn_bench::stream_read_seconds(memory, threads, fmas);
     state.SetIterationTime(t);
     streamed.push_back(t);
-    floor.push_back(kvattn_bench::stream_read_seconds(memory, threads));
+    bare.push_back(kvattn_bench::stream_read_seconds(memory, threads));
     l2.push_back(in_l2());
   }
-  const auto median = [](std::vector<double>& v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0. : v[v.size() / 2];
-  };
-  const double f = median(floor);
+  const double f = median(bare);
   state.counters["floor_ratio"] = median(streamed) / f;
   state.counters["compute_ratio"] = median(l2) / f;
   state.counters["stream_GB_per_s"] = static_cast<double>(all.size_bytes()) * 1e-9 / f;
