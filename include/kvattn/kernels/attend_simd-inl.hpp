@@ -56,8 +56,9 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
 /// is line g % row_lines of row g / row_lines), so the caller's loop asks for the tile front to back
 /// whatever order it computes in: asking for the same lines column-wise (the lines of the current
 /// P·V pass in every row, or one line of each of a block's rows per dot-product step) made the
-/// stream from L3 slower (Xeon model 207, GQA 32/8 d=128 T=4096, 2 threads, medians of 7
-/// interleaved runs: bf16 417 -> 391 us, f16 435 -> 411 us; groups of 8, f16: 363 -> 322 us).
+/// stream from L3 slower (Xeon model 207, GQA 32/8 d=128 T=4096, 2 threads, medians of 11
+/// interleaved runs: bf16 442 -> 409 us, f16 466 -> 431 us; groups of 8, f16, medians of 5: 363 ->
+/// 322 us).
 template <class T>
 KVATTN_ALWAYS_INLINE void prefetch_tile_lines(const T* const* rows, std::ptrdiff_t offset, int row_lines, int g0, int g1) {
   for (int g = g0; g < g1; ++g) {
