@@ -50,22 +50,50 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(row) + bytes);
 }
 
-/// Asks for the 64-byte lines g0 .. g1 of the rows rows[0 ..), `offset` bytes past each row, to be
-/// brought into the caches (L2 and closer), so that the memory latency of the direct kernel's next
-/// tile overlaps this tile's arithmetic. Lines are numbered in address order, row after row (line g
-/// is line g % row_lines of row g / row_lines), so the caller's loop asks for the tile front to back
-/// whatever order it computes in: asking for the same lines column-wise (the lines of the current
-/// P·V pass in every row, or one line of each of a block's rows per dot-product step) made the
-/// stream from L3 slower (Xeon model 207, GQA 32/8 d=128 T=4096, 2 threads, medians of 11
-/// interleaved runs: bf16 442 -> 409 us, f16 466 -> 431 us; groups of 8, f16, medians of 5: 363 ->
-/// 322 us).
-template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_tile_lines(const T* const* rows, std::ptrdiff_t offset, int row_lines, int g0, int g1) {
-  for (int g = g0; g < g1; ++g) {
-    const int row = g / row_lines;
-    __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows[row], offset)) + (g - row * row_lines) * 64, 0, 2);
+/// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
+/// the caches (L2 and closer), so that the memory latency of the direct kernel's next tile overlaps
+/// this tile's arithmetic. Lines are numbered in address order, row after row (line g is line g %
+/// row_lines of row g / row_lines), so the caller's loop asks for the tile front to back whatever
+/// order it computes in: asking for the same lines column-wise (the lines of the current P·V pass in
+/// every row, or one line of each of a block's rows per dot-product step) made the stream from L3
+/// slower (Xeon model 207, GQA 32/8 d=128 T=4096, 2 threads, medians of 11 interleaved runs: bf16
+/// 442 -> 409 us, f16 466 -> 431 us; groups of 8, f16, medians of 5: 363 -> 322 us).
+/// RowLines is row_lines when the head dim is a compile-time constant: a line's row is then a
+/// division by a constant. Otherwise (`dynamic`) a cursor walks the lines, since a run-time division
+/// per line cost more than the order gains (GQA 32/8 d=112 f16: 417 -> 476 us); the caller then asks
+/// for consecutive ranges, from `first` on. A walking cursor for constant dims cost as much (d=128
+/// f16: 416 -> 441 us): its wrap-around branches and range checks.
+template <int RowLines, class T>
+class TileLinePrefetcher {
+ public:
+  TileLinePrefetcher(const T* const* rows, std::ptrdiff_t offset, int row_lines, int first)
+      : rows_(rows), offset_(offset), row_lines_(row_lines) {
+    if constexpr (RowLines == dynamic) row_ = first / row_lines, line_ = first % row_lines;
   }
-}
+  /// Lines g0 .. g1.
+  KVATTN_ALWAYS_INLINE void lines(int g0, int g1) {
+    if constexpr (RowLines != dynamic) {
+      for (int g = g0; g < g1; ++g) fetch(g / RowLines, g % RowLines);
+    } else {
+      for (int g = g0; g < g1; ++g) {
+        fetch(row_, line_);
+        if (++line_ == row_lines_) line_ = 0, ++row_;
+      }
+    }
+  }
+
+ private:
+  KVATTN_ALWAYS_INLINE void fetch(int row, int line) const {
+    __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows_[row], offset_)) + line * 64, 0, 2);
+  }
+  const T* const* rows_;
+  std::ptrdiff_t offset_;
+  int row_lines_, row_ = 0, line_ = 0;
+};
+
+/// TileLinePrefetcher's RowLines for head dim SD (or `dynamic`) and storage type T.
+template <int SD, class T>
+inline constexpr int static_row_lines = SD != dynamic ? (SD * static_cast<int>(sizeof(T)) + 63) / 64 : dynamic;
 
 /// s[j] = q . k_j for the key_tile_simd keys of the tile (rows kr), L keys per register block.
 template <int SD>
@@ -404,9 +432,10 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
     // One row: keys outer, so each K row is read front to back, with the next tile's K row of the
     // same key prefetched beside it (Zen 4, MHA d=128 T=4096 f16, 2 threads: 3.9-6.4 ms with dims
     // outer and the block's prefetches up front, 2.9-3.0 ms like this; best of 10, 3 interleaved runs).
+    TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k, 0, row_lines, 0);
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
-      prefetch_tile_lines(next_k, 0, row_lines, j * row_lines, (j + 1) * row_lines);
+      next_lines.lines(j * row_lines, (j + 1) * row_lines);
       KVATTN_UNROLL(16)
       for (int k = 0; k + 2 * L <= SD; k += 2 * L) {
         vec k0, k1;
@@ -417,9 +446,10 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
     }
     return;
   }
+  TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k, 0, row_lines, 0);
   int c = 0;
   for (int i = 0; i < steps; ++i, c += W) {
-    prefetch_tile_lines(next_k, 0, row_lines, i * KB * row_lines / steps, (i + 1) * KB * row_lines / steps);
+    next_lines.lines(i * KB * row_lines / steps, (i + 1) * KB * row_lines / steps);
     if (W == L || c + L == d) {  // one vector of dims
       vec qv[R];
       KVATTN_UNROLL(16)
@@ -478,8 +508,9 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
     vec acc[KB];
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) acc[j] = V::zero();
+    TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k + j0, 0, row_lines, 0);
     for (int i = 0; i < steps; ++i) {
-      prefetch_tile_lines(next_k + j0, 0, row_lines, i * KB * row_lines / steps, (i + 1) * KB * row_lines / steps);
+      next_lines.lines(i * KB * row_lines / steps, (i + 1) * KB * row_lines / steps);
       for (int c = i * L; c < (i + 1) * L; ++c) {
         const vec qv = V::load(ql + c * L);
         KVATTN_UNROLL(16)
@@ -497,21 +528,23 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
 /// each serves all R rows; an even NV takes them two vectors at a time (load_stored2 order). The
 /// pass's share of the next tile's V rows (K rows next_k moved by v_bytes), as many lines as it reads
 /// of each row, is prefetched front to back over the pass's keys (the pass from line c of the rows
-/// on asks for lines c x the tile's keys on, in prefetch_tile_lines' numbering).
-template <int R, int NV, class T>
+/// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering). SD: the head dim if
+/// it is a compile-time constant (= d), else `dynamic`.
+template <int R, int NV, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p, const T* const* kr,
                                                        std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
   constexpr int KB = L / R;
   constexpr int lines = (NV * L * static_cast<int>(sizeof(T)) + 63) / 64;  // of each row, in this pass
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;
   const int g_begin = c0 * static_cast<int>(sizeof(T)) / 64 * direct_key_tile;
+  TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k, v_bytes, row_lines, g_begin);
   vec acc[R][NV];
   load_scaled(acc, o, d, alpha, KB);
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
       const int g = g_begin + (b * KB + j) * lines;
-      prefetch_tile_lines(next_k, v_bytes, row_lines, g, g + lines);
+      next_lines.lines(g, g + lines);
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
@@ -651,12 +684,12 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     // then one.
     const int nv = d / L;
     int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
     if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
     if constexpr (NVP > 2)
-      for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-    if (k < nv) direct_pv_pass<R, 1, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+      for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    if (k < nv) direct_pv_pass<R, 1, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
