@@ -377,6 +377,27 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   EXPECT_TRUE(plan.merges.empty());
 }
 
+TEST(Plan, SplitItemsRunChunkByChunkAcrossHeadsAndNameTheirMerge) {
+  // 8 heads x 4096 keys: 32 chunks of 1024, first chunks of every head first, then the second ones.
+  const auto plan = decode_plan(8, 1, 4096);
+  ASSERT_EQ(plan.items.size(), 32u);
+  ASSERT_EQ(plan.merges.size(), 8u);
+  std::vector<int> chunks_of_merge(plan.merges.size(), 0);
+  for (std::size_t i = 0; i < plan.items.size(); ++i) {
+    const auto& w = plan.items[i];
+    EXPECT_EQ(w.key_begin, static_cast<std::int64_t>(i / 8) * 1024) << "item " << i;
+    EXPECT_EQ(w.kv_head, static_cast<int>(i % 8)) << "item " << i;
+    ASSERT_GE(w.merge, 0);
+    const auto& m = plan.merges[static_cast<std::size_t>(w.merge)];
+    EXPECT_EQ(m.kv_head, w.kv_head);
+    EXPECT_EQ(w.partial, m.first_partial + w.key_begin / 1024);  // partials in key order
+    ++chunks_of_merge[static_cast<std::size_t>(w.merge)];
+  }
+  for (std::size_t m = 0; m < plan.merges.size(); ++m) EXPECT_EQ(chunks_of_merge[m], plan.merges[m].chunks);
+  // Unsplit items name no merge.
+  for (const auto& w : decode_plan(8, 16, 1024).items) EXPECT_EQ(w.merge, -1);
+}
+
 TEST(Parallel, LookaheadRunsEveryItemOnceAndNamesEachThreadsNextItem) {
   for (int threads : {1, 2, 3, 4})
     for (std::int64_t n : {0, 1, 2, 3, 7, 64, 1000}) {
