@@ -680,11 +680,15 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l = V::fma(l, a, group_reduce<KB, false>(sum));
     m = m_new;
     V::store(alpha, a);
-    // P·V in passes of NVP vectors, then of 4 and 2 (even counts keep load_stored2's pairs whole),
-    // then one.
+    // P·V in passes of NVP vectors, then of 8, 4 and 2 (even counts keep load_stored2's pairs
+    // whole), then one. One row on AVX-512 thus reads a d=128 V row in one pass, front to back,
+    // rather than in two column-wise half-row passes (AMD EPYC family 26, MHA 32/32 d=128 T=4096
+    // decode, 2 threads, medians of 7 / 5 interleaved runs: f16 990 -> 935 us, f32 2.26 -> 2.18 ms).
     const int nv = d / L;
     int k = 0;
     for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    if constexpr (NVP > 8)
+      for (; k + 8 <= nv; k += 8) direct_pv_pass<R, 8, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
     if constexpr (NVP > 4)
       for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
     if constexpr (NVP > 2)
