@@ -13,6 +13,8 @@
 //   hsum(acc, out)             out[j] = sum of the lanes of acc[j], j < lanes (a transposed reduction)
 //   swap_adjacent<W>(v)        exchanges neighbouring groups of W lanes (W a power of two < lanes)
 //   convert(src, dst, n)       n stored elements (f32, f16, bf16) to f32
+//   load_once(p)               load(p) kept in a register: never folded into, and so repeated by,
+//                              each instruction using it
 //   load_stored(src)           one vector of stored elements, converted to f32
 //   load_stored2(src, a, b)    2 x lanes stored elements as two f32 vectors: elements [0, L) and
 //                              [L, 2L), or, where evens_odds<T>, the even and the odd elements
@@ -66,6 +68,11 @@ struct V {
   KVATTN_V vec zero() { return _mm512_setzero_ps(); }
   KVATTN_V vec set1(float x) { return _mm512_set1_ps(x); }
   KVATTN_V vec load(const float* p) { return _mm512_loadu_ps(p); }
+  KVATTN_V vec load_once(const float* p) {
+    vec v = _mm512_loadu_ps(p);
+    __asm__("" : "+v"(v));  // an empty asm the compiler cannot see through
+    return v;
+  }
   KVATTN_V void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   KVATTN_V vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   KVATTN_V vec sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
@@ -177,6 +184,11 @@ struct V {
   KVATTN_V vec zero() { return _mm256_setzero_ps(); }
   KVATTN_V vec set1(float x) { return _mm256_set1_ps(x); }
   KVATTN_V vec load(const float* p) { return _mm256_loadu_ps(p); }
+  KVATTN_V vec load_once(const float* p) {
+    vec v = _mm256_loadu_ps(p);
+    __asm__("" : "+x"(v));  // an empty asm the compiler cannot see through
+    return v;
+  }
   KVATTN_V void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   KVATTN_V vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   KVATTN_V vec sub(vec a, vec b) { return _mm256_sub_ps(a, b); }
@@ -274,6 +286,11 @@ struct V {
   KVATTN_V vec zero() { return vdupq_n_f32(0.f); }
   KVATTN_V vec set1(float x) { return vdupq_n_f32(x); }
   KVATTN_V vec load(const float* p) { return vld1q_f32(p); }
+  KVATTN_V vec load_once(const float* p) {
+    vec v = vld1q_f32(p);
+    __asm__("" : "+w"(v));  // an empty asm the compiler cannot see through
+    return v;
+  }
   KVATTN_V void store(float* p, vec v) { vst1q_f32(p, v); }
   KVATTN_V vec add(vec a, vec b) { return vaddq_f32(a, b); }
   KVATTN_V vec sub(vec a, vec b) { return vsubq_f32(a, b); }
