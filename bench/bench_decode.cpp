@@ -5,11 +5,13 @@
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
 // Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
-// decode step (the reported manual time), then one streaming read of the very K/V bytes it reads
-// (stream_sum: a tight SIMD read with prefetch), then the step's FLOPs as register-resident FMAs
-// (fma_seconds), so all three see the same moments of a noisy machine. Counters: kv_bytes (K/V
-// bytes read per step), median_us (median step), GB_per_s, floor_ratio = median step / max(median
-// stream time, median FMA time), stream_GB_per_s, peak_gflops (FLOPs / median FMA time),
+// decode step (the reported manual time), then two streaming reads of the very K/V bytes it reads
+// (stream_sum: a tight SIMD read, with and without software prefetches), then the step's FLOPs as
+// register-resident FMAs (fma_seconds), so all of them see the same moments of a noisy machine.
+// Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
+// median step / max(stream time, median FMA time), where the stream time is the smaller of the two
+// reads' medians, stream_GB_per_s (from it), stream_prefetch (1 when the prefetching read was the
+// faster), peak_gflops (FLOPs / median FMA time),
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
@@ -188,10 +190,11 @@ void evict_caches() {
   benchmark::ClobberMemory();
 }
 
-/// Medians of a decode step's time, of a streaming read of the very bytes it reads and of an FMA
-/// loop doing its FLOPs.
+/// Medians of a decode step's time, of a streaming read of the very bytes it reads (the faster of
+/// the reads with and without software prefetches) and of an FMA loop doing its FLOPs.
 struct Paired {
   double step_s, stream_s, fma_s;
+  bool stream_prefetch;  ///< whether the faster read was the prefetching one
 };
 
 /// The median of a benchmark's per-iteration times (0 when there are none); sorts v.
@@ -201,16 +204,17 @@ double median(std::vector<double>& v) {
 }
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
-/// one step (the iteration's time), then one streaming read of the same K/V bytes, then the step's
-/// FLOPs as register-resident FMAs, with `threads` threads; the step and the stream after evicting
-/// the caches when `cold`. Alternating them exposes all three to the same moments of a shared
+/// one step (the iteration's time), then two streaming reads of the same K/V bytes (with software
+/// prefetches, then without: which is faster depends on the CPU, and the floor is the fastest read
+/// this machine does), then the step's FLOPs as register-resident FMAs, with `threads` threads; the
+/// step and each read after evicting the caches when `cold`. Alternating them exposes all three to the same moments of a shared
 /// machine, whose memory bandwidth swings by tens of percent from minute to minute and whose clock
 /// moves with its neighbours' load, so the ratios are stable where floors measured once before the
 /// loop were not.
 template <class Step>
 Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, double flops,
                    int threads, bool cold) {
-  std::vector<double> steps, streams, fmas;
+  std::vector<double> steps, prefetched, plain, fmas;
   for (auto _ : state) {
     if (cold) evict_caches();
     const auto t0 = std::chrono::steady_clock::now();
@@ -219,10 +223,13 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     state.SetIterationTime(t);
     steps.push_back(t);
     if (cold) evict_caches();
-    streams.push_back(kvattn_bench::stream_read_seconds(bytes, threads));
+    prefetched.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, true));
+    if (cold) evict_caches();
+    plain.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, false));
     fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
-  return {median(steps), median(streams), median(fmas)};
+  const double with = median(prefetched), without = median(plain);
+  return {median(steps), std::min(with, without), median(fmas), with <= without};
 }
 
 /// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
@@ -233,6 +240,7 @@ void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes
   state.counters["GB_per_s"] = kv_bytes * 1e-9 / p.step_s;
   state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, p.fma_s);
   state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
+  state.counters["stream_prefetch"] = p.stream_prefetch ? 1 : 0;
   state.counters["peak_gflops"] = s.flops() * 1e-9 / p.fma_s;
   state.counters["attn_threads"] = threads;
 }

@@ -126,15 +126,16 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
   });
 }
 
-/// Bandwidth probe: sums n floats on the active path (a streaming read; benchmarks' floor).
-inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa()) {
+/// Bandwidth probe: sums n floats on the active path (a streaming read; benchmarks' floor), with
+/// or without software prefetches (the faster of the two depends on the CPU).
+inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(), bool software_prefetch = true) {
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
-    case isa::avx512: return avx512::stream_sum(x, n);
-    case isa::avx2: return avx2::stream_sum(x, n);
+    case isa::avx512: return software_prefetch ? avx512::stream_sum<true>(x, n) : avx512::stream_sum<false>(x, n);
+    case isa::avx2: return software_prefetch ? avx2::stream_sum<true>(x, n) : avx2::stream_sum<false>(x, n);
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
-    case isa::neon: return neon::stream_sum(x, n);
+    case isa::neon: return software_prefetch ? neon::stream_sum<true>(x, n) : neon::stream_sum<false>(x, n);
 #endif
     default: {
       float a[8] = {};
