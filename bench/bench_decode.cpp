@@ -205,12 +205,12 @@ double median(std::vector<double>& v) {
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
 /// one step (the iteration's time), then two streaming reads of the same K/V bytes (with software
-/// prefetches, then without: which is faster depends on the CPU, and the floor is the fastest read
-/// this machine does), then the step's FLOPs as register-resident FMAs, with `threads` threads; the
-/// step and each read after evicting the caches when `cold`. Alternating them exposes all three to the same moments of a shared
-/// machine, whose memory bandwidth swings by tens of percent from minute to minute and whose clock
-/// moves with its neighbours' load, so the ratios are stable where floors measured once before the
-/// loop were not.
+/// prefetches, then without: which is faster depends on the CPU and the hour, and the floor is the
+/// fastest read this machine does), then the step's FLOPs as register-resident FMAs, with `threads`
+/// threads; the step and each read after evicting the caches when `cold`. Alternating them exposes
+/// all of them to the same moments of a shared machine, whose memory bandwidth swings by tens of
+/// percent from minute to minute and whose clock moves with its neighbours' load, so the ratios are
+/// stable where floors measured once before the loop were not.
 template <class Step>
 Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, double flops,
                    int threads, bool cold) {

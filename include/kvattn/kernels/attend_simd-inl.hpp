@@ -746,9 +746,10 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
 /// reads memory. Benchmarks use it as the bandwidth floor, with and without software prefetches
 /// (each line asked for 4 KiB ahead, as the kernels ask for their next tile), and take the faster:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
-/// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16), on a Zen 5 (AMD EPYC family 26) 2-8%
+/// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16), on a Zen 5 (AMD EPYC family 26) 2-9%
 /// faster (2 threads, medians of 60 alternating reads: 16 MiB 136 against 125 GB/s, 64 MiB 87
-/// against 86 GB/s). Loads go through load_once, as in stream_fma, so both loops read alike.
+/// against 86 GB/s), though there too the prefetching read won in the hours the host's memory was
+/// slow. Loads go through load_once, as in stream_fma, so both loops read alike.
 template <bool Prefetch>
 KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   constexpr int ahead = 4096;  // bytes
