@@ -50,8 +50,20 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(row) + bytes);
 }
 
+/// Asks for the cache line at p, into L1 and every level below (hint T0), as the kernels ask for
+/// their next tile and the bandwidth probes for the bytes ahead of their read. T0 rather than T1
+/// (L2 and below): on an AMD EPYC family 26 (Zen 5) T0 was the faster in every decode shape and
+/// storage type, on both x86 paths (d=128, 2 threads, hints alternated step by step in one process,
+/// medians of 150-900 steps; AVX-512 T1 -> T0: MHA 32/32 T=4096 f16 1031 -> 973 us, GQA 32/8 T=4096
+/// f16 349 -> 313 us, bf16 326 -> 295 us, f32 596 -> 546 us, T=32768 f16 3.16 -> 2.73 ms, B=16
+/// T=1024 f16 1283 -> 1188 us; AVX2 GQA T=4096 f16 673 -> 647 us), and so was the probes' read (2
+/// threads, 16 MiB, three runs: 136-143 -> 153-163 GB/s). On the Xeon model 207 (separate builds
+/// timed in turn) T0 and T1 ran alike. NTA was as fast as T0 on the Zen 5 but three times slower on
+/// the Xeon. On aarch64 this is PLDL1KEEP, not measured on ARM hardware.
+KVATTN_ALWAYS_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
+
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
-/// the caches (L2 and closer), so that the memory latency of the direct kernel's next tile overlaps
+/// the caches (prefetch_line), so that the memory latency of the direct kernel's next tile overlaps
 /// this tile's arithmetic. Lines are numbered in address order, row after row (line g is line g %
 /// row_lines of row g / row_lines), so the caller's loop asks for the tile front to back whatever
 /// order it computes in: asking for the same lines column-wise (the lines of the current P·V pass in
@@ -84,7 +96,7 @@ class TileLinePrefetcher {
 
  private:
   KVATTN_ALWAYS_INLINE void fetch(int row, int line) const {
-    __builtin_prefetch(reinterpret_cast<const char*>(byte_offset(rows_[row], offset_)) + line * 64, 0, 2);
+    prefetch_line(reinterpret_cast<const char*>(byte_offset(rows_[row], offset_)) + line * 64);
   }
   const T* const* rows_;
   std::ptrdiff_t offset_;
@@ -746,10 +758,11 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
 /// reads memory. Benchmarks use it as the bandwidth floor, with and without software prefetches
 /// (each line asked for 4 KiB ahead, as the kernels ask for their next tile), and take the faster:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
-/// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16), on a Zen 5 (AMD EPYC family 26) 2-9%
-/// faster (2 threads, medians of 60 alternating reads: 16 MiB 136 against 125 GB/s, 64 MiB 87
-/// against 86 GB/s), though there too the prefetching read won in the hours the host's memory was
-/// slow. Loads go through load_once, as in stream_fma, so both loops read alike.
+/// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
+/// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
+/// alternating reads: 16 MiB 161 against 155 GB/s, 64 MiB 97 against 115 GB/s; with hint T1 the
+/// plain read won both), though which one wins there also moves with the host's load. Loads go
+/// through load_once, as in stream_fma, so both loops read alike.
 template <bool Prefetch>
 KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   constexpr int ahead = 4096;  // bytes
@@ -757,7 +770,7 @@ KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
     if constexpr (Prefetch)
-      for (int line = 0; line < 4 * L * 4; line += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i) + ahead + line, 0, 2);
+      for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x + i) + ahead + line);
     a0 = V::add(a0, V::load_once(x + i));
     a1 = V::add(a1, V::load_once(x + i + L));
     a2 = V::add(a2, V::load_once(x + i + 2 * L));
@@ -802,7 +815,7 @@ KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
   const vec m = V::set1(0.999999f);
   const std::int64_t whole = n / (4 * L) * (4 * L);  // (a bound GCC can follow when n is a constant)
   for (std::int64_t i = 0; i < whole; i += 4 * L) {
-    for (int line = 0; line < 4 * L * 4; line += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + i) + ahead + line, 0, 2);
+    for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x + i) + ahead + line);
     KVATTN_UNROLL(4)
     for (int v = 0; v < 4; ++v) {
       // Loaded once: for F = 2 and 3 GCC folded the load into each FMA, and those loops then
