@@ -51,15 +51,14 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
 }
 
 /// Asks for the cache line at p, into L1 and every level below (hint T0), as the kernels ask for
-/// their next tile and the bandwidth probes for the bytes ahead of their read. T0 rather than T1
-/// (L2 and below): on an AMD EPYC family 26 (Zen 5) T0 was the faster in every decode shape and
-/// storage type, on both x86 paths (d=128, 2 threads, hints alternated step by step in one process,
-/// medians of 150-900 steps; AVX-512 T1 -> T0: MHA 32/32 T=4096 f16 1031 -> 973 us, GQA 32/8 T=4096
-/// f16 349 -> 313 us, bf16 326 -> 295 us, f32 596 -> 546 us, T=32768 f16 3.16 -> 2.73 ms, B=16
-/// T=1024 f16 1283 -> 1188 us; AVX2 GQA T=4096 f16 673 -> 647 us), and so was the probes' read (2
-/// threads, 16 MiB, three runs: 136-143 -> 153-163 GB/s). On the Xeon model 207 (separate builds
-/// timed in turn) T0 and T1 ran alike. NTA was as fast as T0 on the Zen 5 but three times slower on
-/// the Xeon. On aarch64 this is PLDL1KEEP, not measured on ARM hardware.
+/// their next tile and the bandwidth probes for the bytes ahead of their read. For the kernels T0
+/// and T1 (L2 and below) ran alike on an AMD EPYC family 26 (Zen 5): two builds of decode linked
+/// into one program and stepped alternately in both orders (which run went second cost 0-4%), the
+/// hint's own effect under 0.5% for GQA 32/8 d=128 T=2048 and 4096, MHA 32/32 T=4096, GQA B=16
+/// T=1024 (2 threads) and GQA 4/1 with K/V in L2 (one thread).
+/// The probes' streaming read was faster with T0 there (2 threads, 16 MiB, three runs: 136-143 ->
+/// 153-163 GB/s), so the floor is the stricter for it. On the Xeon model 207 T0 and T1 ran alike
+/// too, and NTA three times slower. On aarch64 this is PLDL1KEEP.
 KVATTN_ALWAYS_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
