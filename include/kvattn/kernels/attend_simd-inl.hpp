@@ -51,14 +51,13 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
 }
 
 /// Asks for the cache line at p, into L1 and every level below (hint T0), as the kernels ask for
-/// their next tile and the bandwidth probes for the bytes ahead of their read. For the kernels T0
-/// and T1 (L2 and below) ran alike on an AMD EPYC family 26 (Zen 5): two builds of decode linked
-/// into one program and stepped alternately in both orders (which run went second cost 0-4%), the
-/// hint's own effect under 0.5% for GQA 32/8 d=128 T=2048 and 4096, MHA 32/32 T=4096, GQA B=16
-/// T=1024 (2 threads) and GQA 4/1 with K/V in L2 (one thread).
-/// The probes' streaming read was faster with T0 there (2 threads, 16 MiB, three runs: 136-143 ->
-/// 153-163 GB/s), so the floor is the stricter for it. On the Xeon model 207 T0 and T1 ran alike
-/// too, and NTA three times slower. On aarch64 this is PLDL1KEEP.
+/// their next tile and the bandwidth probes for the bytes ahead of their read. T0 rather than T1 (L2
+/// and below): on an AMD EPYC family 26 (Zen 5), decode with T1 against T0 (scripts/ab-decode, d=128,
+/// 2 threads, f16, median b/a of 5 runs) took 1.079x as long for GQA 32/8 at T=4096 (runs 1.00-1.29),
+/// 1.023x at T=2048 and 0.985x for MHA 32/32 at T=4096 (runs 0.90-1.01), and the probes' streaming
+/// read was faster with T0 (2 threads, 16 MiB, three runs: 136-143 -> 153-163 GB/s), so the floor is
+/// the stricter for it. On the Xeon model 207 T0 and T1 ran alike, and NTA three times slower. On
+/// aarch64 this is PLDL1KEEP.
 KVATTN_ALWAYS_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
