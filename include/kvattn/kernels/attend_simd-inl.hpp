@@ -417,12 +417,32 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void unpair_row(const float* src, int d, floa
   for (; c < d; c += L) V::store(dst + c, V::load(src + c));
 }
 
+/// Whether the direct kernel for R rows takes a split type's rows (V::evens_odds) as their even and
+/// odd elements. One row widens them in order instead: the split saves a shift per two FMAs that
+/// several rows share, and one row has none to share. Measured with scripts/ab-decode on an AMD
+/// EPYC family 26, MHA 32/32 d=128 T=4096 bf16, 2 threads, split -> widened: AVX-512 0.929 and
+/// 0.912x the time (medians of two sets of 5 runs, every run 0.88-0.95), no change with K/V in L2
+/// (one row, 512 keys, one thread: 0.994x); AVX2 1.018x (3 runs, 1.00-1.02: within the noise).
+template <int R, class T>
+inline constexpr bool direct_pairs = V::template evens_odds<T> && R > 1;
+
+/// Two vectors of stored elements from p: as even and odd elements (load_stored2) if Pairs, else
+/// elements [0, L) and [L, 2L).
+template <bool Pairs, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void load_two(const T* p, vec& a, vec& b) {
+  if constexpr (Pairs) {
+    V::load_stored2(p, a, b);
+  } else {
+    a = V::load_stored(p), b = V::load_stored(p + L);
+  }
+}
+
 /// acc[r * KB + j] = q_r . k_j for the R rows and the KB = L / R keys kr[0 .. KB), K vectors
 /// converted in registers, each serving all rows. The same keys of the next tile (next_k) are
 /// prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
 /// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
 /// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
-/// (load_stored2; q in the order it delivers, see scale_row), with the rows' q in registers; so do
+/// (load_two; q in the order it delivers, see scale_row), with the rows' q in registers; so do
 /// 8 rows of a split type, the block's K vectors in registers and q from memory (bf16: one shift or
 /// mask per 16 values instead of a widening and a shift; GQA 8/1 d=128, one thread, 2048 keys in L2,
 /// minima of 9 interleaved runs, 80.6 -> 73.7 us; f16 and f32 gain nothing: 81.3 -> 81.4 us,
@@ -432,7 +452,8 @@ template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
                                                   vec* acc) {
   constexpr int KB = L / R;
-  constexpr int W = R <= 4 || (R <= 8 && V::template evens_odds<T>) ? 2 * L : L;  // dims per step
+  constexpr bool pairs = direct_pairs<R, T>;
+  constexpr int W = R <= 4 || (R <= 8 && pairs) ? 2 * L : L;  // dims per step
   const int d = SD != dynamic ? SD : d_runtime;
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;  // constants for static d
   const int steps = (d + W - 1) / W;
@@ -449,7 +470,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       KVATTN_UNROLL(16)
       for (int k = 0; k + 2 * L <= SD; k += 2 * L) {
         vec k0, k1;
-        V::load_stored2(kr[j] + k, k0, k1);
+        load_two<pairs>(kr[j] + k, k0, k1);
         acc[j] = V::fma(V::load(qs + k + L), k1, V::fma(V::load(qs + k), k0, acc[j]));
       }
       if constexpr (SD % (2 * L) != 0) acc[j] = V::fma(V::load(qs + SD - L), V::load_stored(kr[j] + SD - L), acc[j]);
@@ -477,14 +498,14 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       KVATTN_UNROLL(16)
       for (int j = 0; j < KB; ++j) {
         vec k0, k1;
-        V::load_stored2(kr[j] + c, k0, k1);
+        load_two<pairs>(kr[j] + c, k0, k1);
         KVATTN_UNROLL(4)
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(q1[r], k1, V::fma(q0[r], k0, acc[r * KB + j]));
       }
     } else {
       vec k0[KB], k1[KB];
       KVATTN_UNROLL(4)
-      for (int j = 0; j < KB; ++j) V::load_stored2(kr[j] + c, k0[j], k1[j]);
+      for (int j = 0; j < KB; ++j) load_two<pairs>(kr[j] + c, k0[j], k1[j]);
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) {
         const vec q0 = V::load(qs + r * d + c), q1 = V::load(qs + r * d + c + L);
@@ -535,7 +556,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
 /// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
-/// each serves all R rows; an even NV takes them two vectors at a time (load_stored2 order). The
+/// each serves all R rows; an even NV takes them two vectors at a time (load_two's order). The
 /// pass's share of the next tile's V rows (K rows next_k moved by v_bytes), as many lines as it reads
 /// of each row, is prefetched front to back over the pass's keys (the pass from line c of the rows
 /// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering). SD: the head dim if
@@ -563,7 +584,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
         KVATTN_UNROLL(8)
         for (int k = 0; k < NV; k += 2) {
           vec v0, v1;
-          V::load_stored2(v + k * L, v0, v1);
+          load_two<direct_pairs<R, T>>(v + k * L, v0, v1);
           KVATTN_UNROLL(16)
           for (int r = 0; r < R; ++r) acc[r][k] = V::fma(pj[r], v0, acc[r][k]), acc[r][k + 1] = V::fma(pj[r], v1, acc[r][k + 1]);
         }
@@ -592,10 +613,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   constexpr int KT = direct_key_tile;
   constexpr int KB = L / R;              // keys per score vector
   constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
-  // Split types (bf16 on x86) come two vectors at a time as even and odd elements: q is kept in
-  // that order where the dot products take pairs (up to 8 rows), outputs where P·V passes do.
-  constexpr bool q_paired = V::template evens_odds<T> && R <= 8;  // as direct_qk takes K
-  constexpr bool o_paired = V::template evens_odds<T> && NVP >= 2;
+  // Split types (bf16 on x86) come two vectors at a time as even and odd elements for more than one
+  // row (direct_pairs): q is kept in that order where the dot products take pairs (up to 8 rows),
+  // outputs where P·V passes do.
+  constexpr bool q_paired = direct_pairs<R, T> && R <= 8;  // as direct_qk takes K
+  constexpr bool o_paired = direct_pairs<R, T> && NVP >= 2;
   constexpr bool lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;  // see direct_qk_lanes
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -690,7 +712,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l = V::fma(l, a, group_reduce<KB, false>(sum));
     m = m_new;
     V::store(alpha, a);
-    // P·V in passes of NVP vectors, then of 8, 4 and 2 (even counts keep load_stored2's pairs
+    // P·V in passes of NVP vectors, then of 8, 4 and 2 (even counts keep load_two's pairs
     // whole), then one. One row on AVX-512 thus reads a d=128 V row in one pass, front to back,
     // rather than in two column-wise half-row passes (AMD EPYC family 26, one row, 512 keys in L2,
     // one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22 us, f32 4.95 -> 4.81 us; MHA 32/32 d=128
