@@ -376,10 +376,16 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 }
 
 /// Keys per tile of the direct kernel. Its per-tile costs (row pointers, the softmax's reductions,
-/// reloading and rescaling the output accumulators) are spread over this many keys.
+/// reloading and rescaling the output accumulators) are spread over this many keys, and the tile
+/// being read and the next one, which prefetch_line brings into L1, should fit there together
+/// (16-bit d=128 K and V rows: 32 KB for two 32-key tiles; L1 holds 48 KB on a Zen 5).
 /// Measured on a Zen 4, one thread, data in L2: 91 cycles per key for 4 rows (f16, d=128; 64 FMAs
-/// of work) at 64 keys, 97-128 at 32 and 16.
-inline constexpr int direct_key_tile = 64;
+/// of work) at 64 keys, 97-128 at 32 and 16. On an AMD EPYC family 26 (Zen 5), 64 -> 32 keys with
+/// scripts/ab-decode (d=128, 2 threads, median b/a): MHA 32/32 T=4096 f16 0.927 (5 runs, 0.91-0.96),
+/// GQA 32/8 T=4096 f16 0.981 (5 runs, 0.94-1.01), T=32768 f16 0.919 (3 runs, 0.91-0.94), B=16
+/// T=1024 f16 0.933 (3 runs, 0.93-0.94), T=4096 f32 1.012 (3 runs, 0.99-1.10); GQA 4/1 f16 with
+/// K/V in L2, one thread: 1.013 (3 runs, 1.01-1.02).
+inline constexpr int direct_key_tile = 32;
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
 template <int W, bool Max>
