@@ -780,6 +780,13 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
+/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines 4 KiB further
+/// on, as the kernels ask for their next tile while computing this one.
+KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
+  constexpr int ahead = 4096;  // bytes
+  for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x) + ahead + line);
+}
+
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
 /// reads memory. Benchmarks use it as the bandwidth floor, with and without software prefetches
 /// (each line asked for 4 KiB ahead, as the kernels ask for their next tile), and take the faster:
@@ -791,12 +798,10 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
 /// through load_once, as in stream_fma, so both loops read alike.
 template <bool Prefetch>
 KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
-  constexpr int ahead = 4096;  // bytes
   vec a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
   std::int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    if constexpr (Prefetch)
-      for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x + i) + ahead + line);
+    if constexpr (Prefetch) prefetch_probe_step(x + i);
     a0 = V::add(a0, V::load_once(x + i));
     a1 = V::add(a1, V::load_once(x + i + L));
     a2 = V::add(a2, V::load_once(x + i + 2 * L));
@@ -834,14 +839,14 @@ KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
 /// FMAs' products, F * 0.999999 * sum(x) up to rounding (so tests can check what it read).
 template <int F>
 KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
-  constexpr int C = fma_peak_chains, ahead = 4096;
+  constexpr int C = fma_peak_chains;
   vec acc[C];
   KVATTN_UNROLL(16)
   for (int k = 0; k < C; ++k) acc[k] = V::set1(static_cast<float>(k));  // distinct, so no chains merge
   const vec m = V::set1(0.999999f);
   const std::int64_t whole = n / (4 * L) * (4 * L);  // (a bound GCC can follow when n is a constant)
   for (std::int64_t i = 0; i < whole; i += 4 * L) {
-    for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x + i) + ahead + line);
+    prefetch_probe_step(x + i);
     KVATTN_UNROLL(4)
     for (int v = 0; v < 4; ++v) {
       // Loaded once: for F = 2 and 3 GCC folded the load into each FMA, and those loops then
