@@ -27,8 +27,9 @@ struct AbShape {
 #include <kvattn/kvattn.hpp>
 
 #include <memory>
-#include <random>
 #include <vector>
+
+#include "common.hpp"  // random_floats
 
 namespace {
 struct Side {
@@ -54,19 +55,15 @@ void KVATTN_AB_FN(ab_setup)(const AbShape& s) {
   side.shape = s;
   const ModelConfig cfg(HeadShape(s.q_heads, s.kv_heads, s.head_dim), LayerSharingMap::none(1), dtypes[s.dtype]);
   side.cache = std::make_unique<KvCache<ContiguousLayout>>(cfg, ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch});
-  std::mt19937 gen(1);
-  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
-  std::vector<float> k(static_cast<std::size_t>(s.tokens) * s.kv_heads * s.head_dim), v(k.size());
-  for (float& x : k) x = uniform(gen);
-  for (float& x : v) x = uniform(gen);
+  const std::size_t kv_floats = static_cast<std::size_t>(s.tokens) * s.kv_heads * s.head_dim;
+  const std::vector<float> k = kvattn_bench::random_floats(kv_floats, 1), v = kvattn_bench::random_floats(kv_floats, 2);
   for (int b = 0; b < s.batch; ++b) {
     side.cache->add_sequence(b);
     side.cache->append(b, s.tokens, k.data(), v.data());
     side.ids.push_back(b);
   }
-  side.q.resize(static_cast<std::size_t>(s.batch) * s.q_heads * s.head_dim);
+  side.q = kvattn_bench::random_floats(static_cast<std::size_t>(s.batch) * s.q_heads * s.head_dim, 3);
   side.out.resize(side.q.size());
-  for (float& x : side.q) x = uniform(gen);
 }
 
 /// One decode step; the D1-D5 head layouts take the static specializations, as engines would.
