@@ -500,7 +500,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
     } else if constexpr (R <= 4) {
       vec q0[R], q1[R];
       KVATTN_UNROLL(4)
-      for (int r = 0; r < R; ++r) q0[r] = V::load(qs + r * d + c), q1[r] = V::load(qs + r * d + c + L);
+      for (int r = 0; r < R; ++r) q0[r] = V::load_once(qs + r * d + c), q1[r] = V::load_once(qs + r * d + c + L);
       KVATTN_UNROLL(16)
       for (int j = 0; j < KB; ++j) {
         vec k0, k1;
