@@ -377,15 +377,19 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 
 /// Keys per tile of the direct kernel. Its per-tile costs (row pointers, the softmax's reductions,
 /// reloading and rescaling the output accumulators) are spread over this many keys, and the tile
-/// being read and the next one, which prefetch_line brings into L1, should fit there together
-/// (16-bit d=128 K and V rows: 32 KB for two 32-key tiles; L1 holds 48 KB on a Zen 5).
-/// Measured on a Zen 4, one thread, data in L2: 91 cycles per key for 4 rows (f16, d=128; 64 FMAs
-/// of work) at 64 keys, 97-128 at 32 and 16. On an AMD EPYC family 26 (Zen 5), 64 -> 32 keys with
-/// scripts/ab-decode (d=128, 2 threads, median b/a): MHA 32/32 T=4096 f16 0.927 (5 runs, 0.91-0.96),
-/// GQA 32/8 T=4096 f16 0.981 (5 runs, 0.94-1.01), T=32768 f16 0.919 (3 runs, 0.91-0.94), B=16
-/// T=1024 f16 0.933 (3 runs, 0.93-0.94), T=4096 f32 1.012 (3 runs, 0.99-1.10); GQA 4/1 f16 with
-/// K/V in L2, one thread: 1.013 (3 runs, 1.01-1.02).
-inline constexpr int direct_key_tile = 32;
+/// being read and the next one, which prefetch_line brings into L1, should sit there together with
+/// room to spare: the tiles of one KV head's K and V rows lie a multiple of 4 KiB apart, so they
+/// share L1 sets (f32 d=128 at 32 keys: 16 lines per set of a 12-way L1 for the two tiles' K and V).
+/// Fewer keys cost more per key while K/V sit in L2 and less as soon as they stream. Measured on an
+/// AMD EPYC family 26 (Zen 5) with scripts/ab-decode (d=128, 2 threads, median b/a of 5 runs),
+/// 32 -> 16 keys: f32 GQA 32/8 T=4096 0.908 (runs 0.85-0.97), MHA 32/32 T=4096 0.796 (0.78-0.80),
+/// B=16 T=1024 0.876 (0.87-0.89); f16 GQA 32/8 T=4096 0.919 (0.90-1.02), MHA 0.906 (0.80-0.95),
+/// T=32768 0.879 (0.86-0.90); bf16 GQA T=4096 0.956 (0.95-0.98), MHA 0.862 (0.84-0.87), B=16
+/// T=1024 0.897 (0.89-0.95); GQA 4/1 f16 with K/V in L2, one thread: 1.086 (1.08-1.09). 8 keys
+/// (rows >= 2) lost: GQA 32/8 T=4096 f16 1.161, in L2 1.299. Earlier, 64 -> 32 keys: MHA f16 0.927,
+/// GQA T=32768 f16 0.919 (same machine); on a Zen 4 with K/V in L2, 91 cycles per key for 4 rows at
+/// 64 keys, 97-128 at 32 and 16.
+inline constexpr int direct_key_tile = 16;
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
 template <int W, bool Max>
