@@ -511,6 +511,9 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
       }
     } else if constexpr (R <= 4) {
+      // load_once: with -march=native GCC hoisted all steps' q out of the key loop, spilled them and
+      // folded each into its FMAs, 40 loads per 32 FMAs (GQA 4/1 f16 in L2, one thread: 0.907x the
+      // time like this; GQA 32/8 T=4096 f16 0.927x, bf16 0.853x; default flags: unchanged).
       vec q0[R], q1[R];
       KVATTN_UNROLL(4)
       for (int r = 0; r < R; ++r) q0[r] = V::load_once(qs + r * d + c), q1[r] = V::load_once(qs + r * d + c + L);
