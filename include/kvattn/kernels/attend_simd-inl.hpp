@@ -397,8 +397,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// T=1024 0.897 (0.89-0.95); GQA 4/1 f16 with K/V in L2, one thread: 1.086 (1.08-1.09). 8 keys
 /// (rows >= 2) lost: GQA 32/8 T=4096 f16 1.161, in L2 1.299. Earlier, 64 -> 32 keys: MHA f16 0.927,
 /// GQA T=32768 f16 0.919 (same machine); on a Zen 4 with K/V in L2, 91 cycles per key for 4 rows at
-/// 64 keys, 97-128 at 32 and 16.
-inline constexpr int direct_key_tile = 16;
+/// 64 keys, 97-128 at 32 and 16. Measured on AVX-512 only: on AVX2, forced on the same Zen 5, whose
+/// direct kernel does twice the instructions per key, 16 keys lost (GQA 32/8 T=4096 f32 1.14x, and
+/// 1.275x with the 4 KiB prefetch distance; f16 1.038x; MHA f16 0.929x), so AVX2 and NEON (not
+/// measured: qemu only) keep 32 keys and their prefetches the next tile.
+inline constexpr int direct_key_tile = L >= 16 ? 16 : 32;
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
 template <int W, bool Max>
@@ -511,12 +514,20 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
       }
     } else if constexpr (R <= 4) {
-      // load_once: with -march=native GCC hoisted all steps' q out of the key loop, spilled them and
-      // folded each into its FMAs, 40 loads per 32 FMAs (GQA 4/1 f16 in L2, one thread: 0.907x the
-      // time like this; GQA 32/8 T=4096 f16 0.927x, bf16 0.853x; default flags: unchanged).
+      // With 32 registers, load_once: with -march=native GCC hoisted all steps' q out of the key loop,
+      // spilled them and folded each into its FMAs, 40 loads per 32 FMAs (GQA 4/1 f16 in L2, one
+      // thread: 0.907x the time like this; GQA 32/8 T=4096 f16 0.927x, bf16 0.853x; default flags:
+      // unchanged). With 16 (AVX2) the 2R q vectors do not fit beside the accumulators: folded loads
+      // (load_once there: GQA 32/8 T=4096 1.03x for f16 and f32).
       vec q0[R], q1[R];
       KVATTN_UNROLL(4)
-      for (int r = 0; r < R; ++r) q0[r] = V::load_once(qs + r * d + c), q1[r] = V::load_once(qs + r * d + c + L);
+      for (int r = 0; r < R; ++r) {
+        if constexpr (V::registers >= 32) {
+          q0[r] = V::load_once(qs + r * d + c), q1[r] = V::load_once(qs + r * d + c + L);
+        } else {
+          q0[r] = V::load(qs + r * d + c), q1[r] = V::load(qs + r * d + c + L);
+        }
+      }
       KVATTN_UNROLL(16)
       for (int j = 0; j < KB; ++j) {
         vec k0, k1;
@@ -676,7 +687,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // so neither loop needs a bounds check.
   const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
   const T* ahead_rows[KT];  // the rows prefetched while this tile is computed, when not the next tile's
-  const int ahead = std::clamp(prefetch_ahead_bytes / (d * static_cast<int>(sizeof(T))), 1, KT);  // keys
+  const int ahead = L >= 16 ? std::clamp(prefetch_ahead_bytes / (d * static_cast<int>(sizeof(T))), 1, KT) : KT;  // keys (see direct_key_tile)
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
     KvRowCursor(*src.slot, src.seq, src.kv_head, k0, false).take(n, rows[parity]);
