@@ -398,9 +398,10 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// (rows >= 2) lost: GQA 32/8 T=4096 f16 1.161, in L2 1.299. Earlier, 64 -> 32 keys: MHA f16 0.927,
 /// GQA T=32768 f16 0.919 (same machine); on a Zen 4 with K/V in L2, 91 cycles per key for 4 rows at
 /// 64 keys, 97-128 at 32 and 16. Measured on AVX-512 only: on AVX2, forced on the same Zen 5, whose
-/// direct kernel does twice the instructions per key, 16 keys lost (GQA 32/8 T=4096 f32 1.14x, and
-/// 1.275x with the 4 KiB prefetch distance; f16 1.038x; MHA f16 0.929x), so AVX2 and NEON (not
-/// measured: qemu only) keep 32 keys and their prefetches the next tile.
+/// direct kernel does twice the instructions per key, 16 keys with the 4 KiB prefetch distance and
+/// q loaded once took 1.275x the time for GQA 32/8 T=4096 f32 (the distance alone 1.119x), 1.038x
+/// for f16, 0.929x for MHA f16; so AVX2 and NEON (not measured: qemu only) keep 32 keys and their
+/// prefetches the next tile.
 inline constexpr int direct_key_tile = L >= 16 ? 16 : 32;
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
