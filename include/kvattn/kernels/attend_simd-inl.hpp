@@ -818,8 +818,8 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
-/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines 4 KiB further
-/// on, as the kernels ask for their next tile while computing this one.
+/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines
+/// prefetch_ahead_bytes further on, as the direct kernel asks for the rows ahead of those it reads.
 KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
   for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x) + prefetch_ahead_bytes + line);
 }
