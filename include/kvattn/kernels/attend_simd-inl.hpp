@@ -404,6 +404,13 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// prefetches the next tile.
 inline constexpr int direct_key_tile = L >= 16 ? 16 : 32;
 
+/// How many keys past each row the direct kernel's prefetches ask for, for rows of row_bytes:
+/// prefetch_ahead_bytes of them, within one tile, on AVX-512; the next tile's on AVX2 and NEON (see
+/// direct_key_tile).
+inline int direct_prefetch_keys(int row_bytes) {
+  return L >= 16 ? std::clamp(prefetch_ahead_bytes / row_bytes, 1, direct_key_tile) : direct_key_tile;
+}
+
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
 template <int W, bool Max>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET vec group_reduce(vec x) {
@@ -461,8 +468,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void load_two(const T* p, vec& a, vec& b) {
 }
 
 /// acc[r * KB + j] = q_r . k_j for the R rows and the KB = L / R keys kr[0 .. KB), K vectors
-/// converted in registers, each serving all rows. The same keys of the next tile (next_k) are
-/// prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
+/// converted in registers, each serving all rows. The same keys of the rows ahead (next_k: the keys
+/// direct_prefetch_keys on) are prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
 /// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
 /// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
 /// (load_two; q in the order it delivers, see scale_row), with the rows' q in registers; so do
@@ -553,7 +560,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
 /// Score vectors of L rows (one key each: 16 rows on AVX-512) without horizontal sums: lane r of
 /// score vector j is q_r . k_j, summed one dim at a time as ql[c] (q_r[c] in lane r) times k_j[c]
 /// broadcast. The 16-bit K rows of 16 keys at a time are converted into kb first, and the same keys
-/// of the next tile are prefetched a part of a row at a time, spread over the dims as direct_qk
+/// of the rows ahead (next_k) are prefetched a part of a row at a time, spread over the dims as direct_qk
 /// does. The transposed horizontal sums this replaces cost 45 shuffles and adds per key (GQA 32/2
 /// d=128 decode, 2 threads, medians of 3 interleaved runs: T=4096 f16 321 -> 290 us, bf16 321 ->
 /// 295 us; T=32768 f16 2.67 -> 2.46 ms). Not for f32 rows, broadcast where they are stored: 293 ->
@@ -591,7 +598,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
 /// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
 /// each serves all R rows; an even NV takes them two vectors at a time (load_two's order). The
-/// pass's share of the next tile's V rows (K rows next_k moved by v_bytes), as many lines as it reads
+/// pass's share of the V rows ahead (K rows next_k moved by v_bytes), as many lines as it reads
 /// of each row, is prefetched front to back over the pass's keys (the pass from line c of the rows
 /// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering). SD: the head dim if
 /// it is a compile-time constant (= d), else `dynamic`.
@@ -688,7 +695,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // so neither loop needs a bounds check.
   const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
   const T* ahead_rows[KT];  // the rows prefetched while this tile is computed, when not the next tile's
-  const int ahead = L >= 16 ? std::clamp(prefetch_ahead_bytes / (d * static_cast<int>(sizeof(T))), 1, KT) : KT;  // keys (see direct_key_tile)
+  const int ahead = direct_prefetch_keys(d * static_cast<int>(sizeof(T)));
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
     KvRowCursor(*src.slot, src.seq, src.kv_head, k0, false).take(n, rows[parity]);
@@ -826,7 +833,8 @@ KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
 /// reads memory. Benchmarks use it as the bandwidth floor, with and without software prefetches
-/// (each line asked for 4 KiB ahead, as the kernels ask for their next tile), and take the faster:
+/// (each line asked for prefetch_ahead_bytes ahead, as the direct kernel asks for its rows ahead),
+/// and take the faster:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
 /// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
 /// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
