@@ -594,6 +594,28 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
   }
 }
 
+/// The direct kernel's scores of a tile of n keys (rows kr; next_k: the rows its prefetches ask
+/// for) in score layout: R rows x KB = L / R keys per vector (lane r * KB + j), one transposed
+/// horizontal sum each, or the lanes of direct_qk_lanes for 16 rows of 16-bit K (direct_lanes_qk;
+/// kb: its buffer).
+template <int R, class T>
+inline constexpr bool direct_lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;
+
+template <int R, int SD, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores(const float* qs, int d, const T* const* kr, const T* const* next_k, int n,
+                                                      float* kb, float* s) {
+  constexpr int KB = L / R;
+  if constexpr (direct_lanes_qk<R, T>) {
+    direct_qk_lanes<SD, T>(qs, d, kr, next_k, direct_key_tile, kb, s);
+  } else {
+    for (int b = 0; b < (n + KB - 1) / KB; ++b) {
+      vec acc[L];
+      direct_qk<R, SD, T>(qs, d, kr + b * KB, next_k + b * KB, acc);
+      V::hsum(acc, s + b * L);
+    }
+  }
+}
+
 /// o[r][c0 .. c0 + NV*L) = o * alpha_r + sum_j p[r][j] v_j for the R rows, over nb score vectors of
 /// keys: the probabilities are in the direct kernel's score layout (vector b, lane r * KB + j is row
 /// r, key b * KB + j), the V rows (the K rows kr moved by v_bytes) are converted in registers and
@@ -642,6 +664,29 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   store_rows(acc, o, d);
 }
 
+/// o = o * alpha + P·V for the R rows of a direct-kernel tile (nb score vectors of probabilities
+/// p, rows kr; next_k: the rows its prefetches ask for), in passes of NVP = pv_regs / R vectors,
+/// then of 8, 4 and 2 (even counts keep load_two's pairs whole), then one. One row on AVX-512 thus
+/// reads a d=128 V row in one pass, front to back, rather than in two column-wise half-row passes
+/// (AMD EPYC family 26, one row, 512 keys in L2, one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22
+/// us, f32 4.95 -> 4.81 us; MHA 32/32 d=128 T=4096 f16 decode, 2 threads, medians of 7 and of 9
+/// interleaved runs: 990 -> 935, 1014 -> 992 us).
+template <int R, int SD, class T>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* alpha, const float* p, const T* const* kr,
+                                                  std::ptrdiff_t v_bytes, int nb, const T* const* next_k) {
+  constexpr int NVP = V::pv_regs / R;
+  const int nv = d / L;
+  int k = 0;
+  for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+  if constexpr (NVP > 8)
+    for (; k + 8 <= nv; k += 8) direct_pv_pass<R, 8, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+  if constexpr (NVP > 4)
+    for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+  if constexpr (NVP > 2)
+    for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+  if (k < nv) direct_pv_pass<R, 1, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+}
+
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K
 /// and V rows are converted in registers straight from the cache and each converted vector serves
 /// every row, so nothing is stored and reloaded (but 16 rows' 16-bit K, see direct_qk_lanes). R
@@ -659,7 +704,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // outputs where P·V passes do.
   constexpr bool q_paired = direct_pairs<R, T> && R <= 8;  // as direct_qk takes K
   constexpr bool o_paired = direct_pairs<R, T> && NVP >= 2;
-  constexpr bool lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;  // see direct_qk_lanes
+  constexpr bool lanes_qk = direct_lanes_qk<R, T>;
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   const int d = SD != dynamic ? SD : d_runtime;
@@ -667,7 +712,6 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* qs = scratch;     // R x d, or (lanes_qk) d x R, pre-scaled by scale * log2(e)
   float* o = qs + R * d;   // R x d
   float* kb = o + R * d;   // lanes_qk: 16 K rows, converted
-  alignas(64) float p[R * KT];  // scores, then probabilities, of the tile in score layout
   alignas(64) float lanes[4][L];  // per lane: key within its group, visible keys, alpha, scratch
   float* key_of_lane = lanes[0];
   float* limit_of_lane = lanes[1];
@@ -684,61 +728,74 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   std::fill_n(o, R * d, 0.f);
   vec m = V::set1(neg_inf), l = V::zero();  // running max (base 2) and sum; row r in lanes r * KB ..
   const std::int64_t key_end = t.keys_end();
-  // Row pointers of the current tile and of the next one. While they compute, the QK loop asks for
-  // the K rows and the P·V passes for the V rows prefetch_ahead_bytes past those they read (the next
-  // tile's for 16-bit d=128 rows): the hardware prefetcher alone leaves every tile
-  // start waiting on memory (Zen 4, 2 threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3
-  // ms with), and asking for K and V both in the QK loop leaves the memory idle during P·V (5.3 ms
-  // with the V rows prefetched by the P·V passes instead, 6.6 ms before; medians of 5 A/B runs).
-  // On the Xeon model 207 it matters less (GQA 32/8 T=4096 f16: 485 us without, 463 us with;
-  // prefetching further ahead or into L1 was slower). Rows past a tile's end repeat a valid row,
-  // so neither loop needs a bounds check.
-  const T* rows[2][KT];  // [tile parity][key]: K rows; a V row is its K row moved by v_bytes
-  const T* ahead_rows[KT];  // the rows prefetched while this tile is computed, when not the next tile's
+  // Row pointers of three tiles: the one whose P·V runs, the next (whose dot products run in the
+  // same iteration) and the one after. While they compute, the QK loop asks for the K rows and the
+  // P·V passes for the V rows prefetch_ahead_bytes past those they read (the next tile's for 16-bit
+  // d=128 rows): the hardware prefetcher alone leaves every tile start waiting on memory (Zen 4, 2
+  // threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3 ms with), and asking for K and V
+  // both in the QK loop leaves the memory idle during P·V (5.3 ms with the V rows prefetched by the
+  // P·V passes instead, 6.6 ms before; medians of 5 A/B runs). On the Xeon model 207 it matters
+  // less (GQA 32/8 T=4096 f16: 485 us without, 463 us with; prefetching further ahead or into L1
+  // was slower). Rows past a tile's end repeat a valid row, so neither loop needs a bounds check.
+  // Software-pipelined: an iteration runs the softmax of tile i, then the dot products of tile
+  // i + 1, then tile i's P·V. The softmax is a chain of dependent steps (horizontal sums, row
+  // maxima, exp2) that leaves the FMA units idle in program order; with tile i + 1's independent
+  // dot products behind it, the core fills that time with them. Measured with scripts/ab-decode on
+  // an AMD EPYC family 26 (d=128, 2 threads, T=4096, median b/a of 5 runs) against the loop without
+  // (dot products, softmax, P·V of each tile in turn): f16 GQA 32/8 0.954, MHA 32/32 0.961, 32/4
+  // 0.965, bf16 GQA 32/8 0.961; no change at T=32768 (f16 1.003, bf16 1.009), B=16 T=1024 (0.983),
+  // for 32/2 f16 (1.005, direct_qk_lanes) and 32/16 bf16 (1.004); f32 lost 1-5%: GQA 32/8 1.047
+  // (1.013 over 7 runs), 32/4 1.024, AVX2 (forced) f32 1.044, f16 1.008. (The f32 loss is not the
+  // order: with tile i + 1's dot products after tile i's P·V, the three-tile loop still took 1.017
+  // and 1.019 the time for f32 GQA 32/8, where the old loop against itself gave 0.997.)
+  const T* ring[3][KT];   // K rows of tiles i, i + 1, i + 2 (i % 3); a V row is its K row moved by v_bytes
+  const T* qk_ahead[KT];  // the rows prefetched while a tile's dot products run, when not the next tile's
+  const T* pv_ahead[KT];  // the same for its P·V passes
+  alignas(64) float scores[2][R * KT];  // tile i's probabilities and tile i + 1's scores, in score layout
   const int ahead = direct_prefetch_keys(d * static_cast<int>(sizeof(T)));
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
-  const auto fill = [&](int parity, const AttendTile& src, std::int64_t k0, int n) {
-    KvRowCursor(*src.slot, src.seq, src.kv_head, k0, false).take(n, rows[parity]);
-    for (int j = n; j < KT; ++j) rows[parity][j] = rows[parity][n - 1];
-  };
-  int cur = 0;
-  if (t.key_begin < key_end) fill(0, t, t.key_begin, static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin)));
-  for (std::int64_t k0 = t.key_begin; k0 < key_end; k0 += KT, cur ^= 1) {
-    const int n = static_cast<int>(std::min<std::int64_t>(KT, key_end - k0));
-    const int nb = (n + KB - 1) / KB;
-    // The next tile: this item's, else the first of the item this thread runs next, else this one
-    // again (cached: its prefetches cost next to nothing).
-    if (k0 + KT < key_end) {
-      fill(cur ^ 1, t, k0 + KT, static_cast<int>(std::min<std::int64_t>(KT, key_end - k0 - KT)));
+  const std::int64_t n_tiles = key_end > t.key_begin ? (key_end - t.key_begin + KT - 1) / KT : 0;
+  const auto tile_keys = [&](std::int64_t i) { return static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin - i * KT)); };
+  // Tile i's rows; past the last tile, the first of the item this thread runs next, else the last
+  // tile again (cached: its prefetches cost next to nothing).
+  const auto fill = [&](const T** dst, std::int64_t i) {
+    const AttendTile* src = &t;
+    std::int64_t k0 = t.key_begin + i * KT;
+    int n;
+    if (i < n_tiles) {
+      n = tile_keys(i);
     } else if (t.next != nullptr && t.next->key_begin < t.next->keys_end()) {
-      fill(cur ^ 1, *t.next, t.next->key_begin, static_cast<int>(std::min<std::int64_t>(KT, t.next->keys_end() - t.next->key_begin)));
+      src = t.next, k0 = t.next->key_begin, n = static_cast<int>(std::min<std::int64_t>(KT, t.next->keys_end() - k0));
     } else {
-      std::copy_n(rows[cur], KT, rows[cur ^ 1]);
+      k0 = t.key_begin + (n_tiles - 1) * KT, n = tile_keys(n_tiles - 1);
     }
-    const T* const* kr = rows[cur];
-    // The rows `ahead` keys on from each of this tile's: the next tile's, or the last ones of this
-    // tile and the first ones of the next.
-    const T* const* next_k = rows[cur ^ 1];
-    if (ahead < KT) {
-      std::copy(kr + ahead, kr + KT, ahead_rows);
-      std::copy_n(rows[cur ^ 1], ahead, ahead_rows + KT - ahead);
-      next_k = ahead_rows;
-    }
-    if constexpr (lanes_qk) {
-      direct_qk_lanes<SD, T>(qs, d, kr, next_k, KT, kb, p);
-    } else {
-      for (int b = 0; b < nb; ++b) {
-        vec acc[L];
-        direct_qk<R, SD, T>(qs, d, kr + b * KB, next_k + b * KB, acc);
-        V::hsum(acc, p + b * L);
-      }
-    }
+    KvRowCursor(*src->slot, src->seq, src->kv_head, k0, false).take(n, dst);
+    for (int j = n; j < KT; ++j) dst[j] = dst[n - 1];
+  };
+  // The rows `ahead` keys on from each of tile `rows`: the next tile's, or the last ones of this
+  // tile and the first ones of the next.
+  const auto rows_ahead = [&](const T* const* rows, const T* const* next, const T** buffer) -> const T* const* {
+    if (ahead >= KT) return next;
+    std::copy(rows + ahead, rows + KT, buffer);
+    std::copy_n(next, ahead, buffer + KT - ahead);
+    return buffer;
+  };
+  if (n_tiles > 0) {
+    fill(ring[0], 0);
+    fill(ring[1], 1);
+    direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead(ring[0], ring[1], qk_ahead), tile_keys(0), kb, scores[0]);
+  }
+  for (std::int64_t i = 0; i < n_tiles; ++i) {
+    const std::int64_t k0 = t.key_begin + i * KT;
+    const int n = tile_keys(i);
+    const int nb = (n + KB - 1) / KB;
+    float* p = scores[i & 1];
     // Keys each row sees (rows of one decode step see all n; earlier tokens of a chunk fewer).
     bool masked = false;
-    for (int i = 0; i * group < R; ++i) {
-      const int limit = t.visible_keys(i, k0, n);
+    for (int tok = 0; tok * group < R; ++tok) {
+      const int limit = t.visible_keys(tok, k0, n);
       masked |= limit < nb * KB;
-      std::fill_n(limit_of_lane + i * group * KB, std::min(group, R - i * group) * KB, static_cast<float>(limit));
+      std::fill_n(limit_of_lane + tok * group * KB, std::min(group, R - tok * group) * KB, static_cast<float>(limit));
     }
     vec mt = V::set1(neg_inf);
     for (int b = 0; b < nb; ++b) {
@@ -763,21 +820,14 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l = V::fma(l, a, group_reduce<KB, false>(sum));
     m = m_new;
     V::store(alpha, a);
-    // P·V in passes of NVP vectors, then of 8, 4 and 2 (even counts keep load_two's pairs
-    // whole), then one. One row on AVX-512 thus reads a d=128 V row in one pass, front to back,
-    // rather than in two column-wise half-row passes (AMD EPYC family 26, one row, 512 keys in L2,
-    // one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22 us, f32 4.95 -> 4.81 us; MHA 32/32 d=128
-    // T=4096 f16 decode, 2 threads, medians of 7 and of 9 interleaved runs: 990 -> 935, 1014 -> 992 us).
-    const int nv = d / L;
-    int k = 0;
-    for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-    if constexpr (NVP > 8)
-      for (; k + 8 <= nv; k += 8) direct_pv_pass<R, 8, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-    if constexpr (NVP > 4)
-      for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-    if constexpr (NVP > 2)
-      for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-    if (k < nv) direct_pv_pass<R, 1, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    const T* const* kr = ring[i % 3];
+    const T* const* kr_next = ring[(i + 1) % 3];
+    if (i + 1 < n_tiles) {
+      fill(ring[(i + 2) % 3], i + 2);
+      direct_scores<R, SD, T>(qs, d, kr_next, rows_ahead(kr_next, ring[(i + 2) % 3], qk_ahead), tile_keys(i + 1), kb,
+                              scores[(i + 1) & 1]);
+    }
+    direct_pv<R, SD, T>(o, d, alpha, p, kr, v_bytes, nb, rows_ahead(kr, kr_next, pv_ahead));
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
