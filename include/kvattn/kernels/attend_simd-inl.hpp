@@ -594,13 +594,14 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk_lanes(const float* ql, int d_r
   }
 }
 
-/// The direct kernel's scores of a tile of n keys (rows kr; next_k: the rows its prefetches ask
-/// for) in score layout: R rows x KB = L / R keys per vector (lane r * KB + j), one transposed
-/// horizontal sum each, or the lanes of direct_qk_lanes for 16 rows of 16-bit K (direct_lanes_qk;
-/// kb: its buffer).
+/// Whether the direct kernel for R rows of storage type T takes its scores from direct_qk_lanes
+/// (16 rows of 16-bit K on AVX-512) rather than from direct_qk and transposed horizontal sums.
 template <int R, class T>
 inline constexpr bool direct_lanes_qk = R == L && L >= 16 && !std::is_same_v<T, float>;
 
+/// The direct kernel's scores of a tile of n keys (rows kr; next_k: the rows its prefetches ask
+/// for) in score layout: R rows x KB = L / R keys per vector (lane r * KB + j), one transposed
+/// horizontal sum each, or direct_qk_lanes' (kb: its buffer) if direct_lanes_qk.
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores(const float* qs, int d, const T* const* kr, const T* const* next_k, int n,
                                                       float* kb, float* s) {
