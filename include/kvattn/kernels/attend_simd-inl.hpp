@@ -747,8 +747,9 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // 0.965, bf16 GQA 32/8 0.961; no change at T=32768 (f16 1.003, bf16 1.009), B=16 T=1024 (0.983),
   // for 32/2 f16 (1.005, direct_qk_lanes) and 32/16 bf16 (1.004); f32 lost 1-5%: GQA 32/8 1.047
   // (1.013 over 7 runs), 32/4 1.024, AVX2 (forced) f32 1.044, f16 1.008. (The f32 loss is not the
-  // order: with tile i + 1's dot products after tile i's P·V, the three-tile loop still took 1.017
-  // and 1.019 the time for f32 GQA 32/8, where the old loop against itself gave 0.997.)
+  // order: with tile i + 1's dot products after tile i's P·V, the three-tile loop still took
+  // 1.017-1.035 the time for f32 GQA 32/8, three sets of 5-11 runs, where the old loop against
+  // itself gave 0.993 over 11; AVX2 f32 1.014.)
   const T* ring[3][KT];   // K rows of tiles i, i + 1, i + 2 (i % 3); a V row is its K row moved by v_bytes
   const T* qk_ahead[KT];  // the rows prefetched while a tile's dot products run, when not the next tile's
   const T* pv_ahead[KT];  // the same for its P·V passes
