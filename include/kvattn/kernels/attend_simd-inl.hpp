@@ -469,15 +469,16 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void load_two(const T* p, vec& a, vec& b) {
 
 /// acc[r * KB + j] = q_r . k_j for the R rows and the KB = L / R keys kr[0 .. KB), K vectors
 /// converted in registers, each serving all rows. The same keys of the rows ahead (next_k: the keys
-/// direct_prefetch_keys on) are prefetched a cache line at a time, spread evenly over the dims: a burst up front stalls on the
-/// core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5 interleaved runs: T=32768
-/// 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two vectors at a time
-/// (load_two; q in the order it delivers, see scale_row), with the rows' q in registers; so do
-/// 8 rows of a split type, the block's K vectors in registers and q from memory (bf16: one shift or
-/// mask per 16 values instead of a widening and a shift; GQA 8/1 d=128, one thread, 2048 keys in L2,
-/// minima of 9 interleaved runs, 80.6 -> 73.7 us; f16 and f32 gain nothing: 81.3 -> 81.4 us,
-/// 35.8 -> 36.3 us); other 8 and 16 rows one vector at a time, q from memory; one row of a static
-/// head dim keys outer. (16 rows of 16-bit K on AVX-512 take direct_qk_lanes instead.)
+/// direct_prefetch_keys on) are prefetched a cache line at a time, spread evenly over the dims: a
+/// burst up front stalls on the core's miss buffers (Zen 4, GQA d=128 f32, 2 threads, medians of 5
+/// interleaved runs: T=32768 15.6 -> 10.9 ms, T=4096 1.36 -> 0.65 ms). Up to 4 rows take dims two
+/// vectors at a time (load_two; q in the order it delivers, see scale_row), with the rows' q in
+/// registers; so do 8 rows of a split type, the block's K vectors in registers and q from memory
+/// (bf16: one shift or mask per 16 values instead of a widening and a shift; GQA 8/1 d=128, one
+/// thread, 2048 keys in L2, minima of 9 interleaved runs, 80.6 -> 73.7 us; f16 and f32 gain
+/// nothing: 81.3 -> 81.4 us, 35.8 -> 36.3 us); other 8 and 16 rows one vector at a time, q from
+/// memory; one row of a static head dim keys outer. (16 rows of 16-bit K on AVX-512 take
+/// direct_qk_lanes instead.)
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime, const T* const* kr, const T* const* next_k,
                                                   vec* acc) {
@@ -560,8 +561,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
 /// Score vectors of L rows (one key each: 16 rows on AVX-512) without horizontal sums: lane r of
 /// score vector j is q_r . k_j, summed one dim at a time as ql[c] (q_r[c] in lane r) times k_j[c]
 /// broadcast. The 16-bit K rows of 16 keys at a time are converted into kb first, and the same keys
-/// of the rows ahead (next_k) are prefetched a part of a row at a time, spread over the dims as direct_qk
-/// does. The transposed horizontal sums this replaces cost 45 shuffles and adds per key (GQA 32/2
+/// of the rows ahead (next_k) are prefetched a part of a row at a time, spread over the dims as
+/// direct_qk does. The transposed horizontal sums this replaces cost 45 shuffles and adds per key (GQA 32/2
 /// d=128 decode, 2 threads, medians of 3 interleaved runs: T=4096 f16 321 -> 290 us, bf16 321 ->
 /// 295 us; T=32768 f16 2.67 -> 2.46 ms). Not for f32 rows, broadcast where they are stored: 293 ->
 /// 307 us. Not for 8 rows with pairs of keys interleaved for a 64-bit broadcast: one thread, 1024
@@ -665,8 +666,12 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   store_rows(acc, o, d);
 }
 
+/// Vectors per P·V pass of the direct kernel for R rows: its accumulators fill pv_regs registers.
+template <int R>
+inline constexpr int direct_pv_vectors = V::pv_regs / R;
+
 /// o = o * alpha + P·V for the R rows of a direct-kernel tile (nb score vectors of probabilities
-/// p, rows kr; next_k: the rows its prefetches ask for), in passes of NVP = pv_regs / R vectors,
+/// p, rows kr; next_k: the rows its prefetches ask for), in passes of NVP = direct_pv_vectors<R>,
 /// then of 8, 4 and 2 (even counts keep load_two's pairs whole), then one. One row on AVX-512 thus
 /// reads a d=128 V row in one pass, front to back, rather than in two column-wise half-row passes
 /// (AMD EPYC family 26, one row, 512 keys in L2, one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22
@@ -675,7 +680,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
 template <int R, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* alpha, const float* p, const T* const* kr,
                                                   std::ptrdiff_t v_bytes, int nb, const T* const* next_k) {
-  constexpr int NVP = V::pv_regs / R;
+  constexpr int NVP = direct_pv_vectors<R>;
   const int nv = d / L;
   int k = 0;
   for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
@@ -699,7 +704,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   using T = typename storage<Dtype>::type;
   constexpr int KT = direct_key_tile;
   constexpr int KB = L / R;              // keys per score vector
-  constexpr int NVP = V::pv_regs / R;    // vectors per P·V pass
+  constexpr int NVP = direct_pv_vectors<R>;
   // Split types (bf16 on x86) come two vectors at a time as even and odd elements for more than one
   // row (direct_pairs): q is kept in that order where the dot products take pairs (up to 8 rows),
   // outputs where P·V passes do.
@@ -750,9 +755,9 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // order: with tile i + 1's dot products after tile i's P·V, the three-tile loop still took
   // 1.017-1.035 the time for f32 GQA 32/8, three sets of 5-11 runs, where the old loop against
   // itself gave 0.993 over 11; AVX2 f32 1.014.)
-  const T* ring[3][KT];   // K rows of tiles i, i + 1, i + 2 (i % 3); a V row is its K row moved by v_bytes
-  const T* qk_ahead[KT];  // the rows prefetched while a tile's dot products run, when not the next tile's
-  const T* pv_ahead[KT];  // the same for its P·V passes
+  const T* ring[3][KT];  // K rows of tiles i, i + 1, i + 2 (i % 3); a V row is its K row moved by v_bytes
+  const T* ahead_rows[2][KT];         // tile i's rows ahead (i & 1), when not the next tile's
+  const T* const* rows_ahead_of[2];   // what tile i's dot products and P·V passes prefetch (i & 1)
   alignas(64) float scores[2][R * KT];  // tile i's probabilities and tile i + 1's scores, in score layout
   const int ahead = direct_prefetch_keys(d * static_cast<int>(sizeof(T)));
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
@@ -774,18 +779,24 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     KvRowCursor(*src->slot, src->seq, src->kv_head, k0, false).take(n, dst);
     for (int j = n; j < KT; ++j) dst[j] = dst[n - 1];
   };
-  // The rows `ahead` keys on from each of tile `rows`: the next tile's, or the last ones of this
-  // tile and the first ones of the next.
-  const auto rows_ahead = [&](const T* const* rows, const T* const* next, const T** buffer) -> const T* const* {
-    if (ahead >= KT) return next;
-    std::copy(rows + ahead, rows + KT, buffer);
-    std::copy_n(next, ahead, buffer + KT - ahead);
-    return buffer;
+  // Tile i's rows `ahead` keys on from each of its rows (rows_ahead_of[i & 1]), once tiles i and
+  // i + 1 are filled: the next tile's, or the last ones of this tile and the first ones of the next.
+  const auto set_rows_ahead = [&](std::int64_t i) {
+    const T* const* rows = ring[i % 3];
+    const T* const* next = ring[(i + 1) % 3];
+    if (ahead >= KT) {
+      rows_ahead_of[i & 1] = next;
+      return;
+    }
+    std::copy(rows + ahead, rows + KT, ahead_rows[i & 1]);
+    std::copy_n(next, ahead, ahead_rows[i & 1] + KT - ahead);
+    rows_ahead_of[i & 1] = ahead_rows[i & 1];
   };
   if (n_tiles > 0) {
     fill(ring[0], 0);
     fill(ring[1], 1);
-    direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead(ring[0], ring[1], qk_ahead), tile_keys(0), kb, scores[0]);
+    set_rows_ahead(0);
+    direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead_of[0], tile_keys(0), kb, scores[0]);
   }
   for (std::int64_t i = 0; i < n_tiles; ++i) {
     const std::int64_t k0 = t.key_begin + i * KT;
@@ -822,14 +833,12 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     l = V::fma(l, a, group_reduce<KB, false>(sum));
     m = m_new;
     V::store(alpha, a);
-    const T* const* kr = ring[i % 3];
-    const T* const* kr_next = ring[(i + 1) % 3];
     if (i + 1 < n_tiles) {
       fill(ring[(i + 2) % 3], i + 2);
-      direct_scores<R, SD, T>(qs, d, kr_next, rows_ahead(kr_next, ring[(i + 2) % 3], qk_ahead), tile_keys(i + 1), kb,
-                              scores[(i + 1) & 1]);
+      set_rows_ahead(i + 1);
+      direct_scores<R, SD, T>(qs, d, ring[(i + 1) % 3], rows_ahead_of[(i + 1) & 1], tile_keys(i + 1), kb, scores[(i + 1) & 1]);
     }
-    direct_pv<R, SD, T>(o, d, alpha, p, kr, v_bytes, nb, rows_ahead(kr, kr_next, pv_ahead));
+    direct_pv<R, SD, T>(o, d, alpha, p, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
