@@ -92,6 +92,11 @@ class TileLinePrefetcher {
   /// Lines g0 .. g1.
   KVATTN_ALWAYS_INLINE void lines(int g0, int g1) {
     if constexpr (RowLines != dynamic) {
+      // Line numbers are never negative. GCC infers it (its code is the same with this line);
+      // Clang 14 did not, and its code for the signed divisions' rounding spilled the P·V
+      // accumulators: GQA 4/1 d=128, one thread, 512 keys in L2, medians of 4000 calls, 0.77x
+      // the time with this for f16 and bf16, 0.69x for f32 (then 0.94x GCC's time, f32 0.85x).
+      if (g0 < 0) __builtin_unreachable();
       for (int g = g0; g < g1; ++g) fetch(g / RowLines, g % RowLines);
     } else {
       for (int g = g0; g < g1; ++g) {
