@@ -62,7 +62,8 @@ int main() {
 
   // Paged cache: memory comes in blocks of 4 tokens, on demand. Engines use 16 or more; small
   // blocks make the growth visible in a short run.
-  KvCache<PagedLayout> cache(config, PagedLayout{.block_size = 4});
+  constexpr std::int64_t block_size = 4;
+  KvCache<PagedLayout> cache(config, PagedLayout{.block_size = block_size});
 
   // AttentionStack runs the layers in order with a residual connection, and extends the cache by
   // the new tokens itself. (With AttentionLayer directly, call cache.extend(seqs, counts) first.)
@@ -85,15 +86,17 @@ int main() {
                 label, static_cast<long long>(cache.live_bytes()), static_cast<long long>(cache.reserved_bytes()),
                 static_cast<long long>(cache.blocks_in_use()), static_cast<long long>(cache.free_blocks()),
                 static_cast<long long>(cache.live_bytes() / cache.live_tokens()));
-    std::int64_t tokens = 0;
+    std::int64_t tokens = 0, blocks = 0;
     for (seq_id id : ids) {
       std::printf(" [seq %lld: %lld]", static_cast<long long>(id), static_cast<long long>(cache.length(id)));
       tokens += cache.length(id);
+      blocks += (cache.length(id) + block_size - 1) / block_size;  // whole blocks, the last partly used
     }
     std::printf("\n");
-    ok &= cache.live_bytes() == tokens * formula;             // accounting is exact
-    ok &= cache.reserved_bytes() >= cache.live_bytes();       // blocks are only ever partly empty
-    ok &= cache.reserved_bytes() % cache.block_bytes() == 0;  // memory moves in whole blocks
+    ok &= cache.live_bytes() == tokens * formula;                       // accounting is exact
+    ok &= cache.blocks_in_use() == blocks;                              // no block more than needed
+    ok &= cache.block_bytes() == block_size * formula;                  // a block is block_size tokens
+    ok &= cache.reserved_bytes() >= blocks * cache.block_bytes();       // in use, plus the free list
   };
 
   // Prefill: both prompts in one batch. Rows of x are the tokens of sequence 1, then of sequence 2.
@@ -130,6 +133,7 @@ int main() {
   std::printf("\nafter release_free_blocks: reserved %lld B = %lld blocks in use x %lld B\n",
               static_cast<long long>(cache.reserved_bytes()), static_cast<long long>(cache.blocks_in_use()),
               static_cast<long long>(cache.block_bytes()));
+  ok &= cache.free_blocks() == 0 && cache.blocks_in_use() == (cache.length(1) + block_size - 1) / block_size;
   ok &= cache.reserved_bytes() == cache.blocks_in_use() * cache.block_bytes();
 
   std::printf("%s\n", ok ? "all checks passed" : "CHECK FAILED");

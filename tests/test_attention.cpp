@@ -334,6 +334,9 @@ TEST(AttentionErrors, BadInputsAreRejected) {
   bad_scale.scale = -1.f;
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_scale); }, "-1");
   expect_error([&] { decode(cache, 0, ids, nullptr, out.data()); }, "null");
+  AttentionOptions bad_threads;
+  bad_threads.threads = -5;
+  expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_threads); }, "-5");
 }
 
 namespace {

@@ -233,13 +233,39 @@ TEST(KvCache, ForkSharesBlocksAndCopiesOnWrite) {
     EXPECT_EQ(a, c);
     EXPECT_EQ(b, d);
   }
-  // Overwriting shared history is refused.
-  std::vector<float> row(32, 0.f);
-  EXPECT_THROW(cache.write(2, 0, 0, 1, row.data(), row.data()), sequence_error);
+  // Overwriting shared history copies the block too: the fork's token 0 changes, the source's not.
+  std::vector<float> row(32, 0.25f);
+  cache.write(2, 0, 0, 1, row.data(), row.data());
+  EXPECT_EQ(cache.blocks_in_use(), 6);
+  EXPECT_EQ(snapshot(cache, one).contents, before.contents);
+  cache.read(2, 0, 0, c.data(), d.data());
+  EXPECT_EQ(c, row);
+  EXPECT_EQ(d, row);
   cache.remove_sequence(1);
-  EXPECT_EQ(cache.blocks_in_use(), 4);  // 2 shared full blocks + 2 of seq 2's own
+  EXPECT_EQ(cache.blocks_in_use(), 4);  // the one block still shared until now + 3 of seq 2's own
   cache.remove_sequence(2);
   EXPECT_EQ(cache.blocks_in_use(), 0);
+}
+
+TEST(KvCache, WriteAfterExtendThenForkCopiesTheSharedBlock) {
+  // The order extend, fork, write (each beam then writes its own new token): the write copies the
+  // block the two sequences share, and the other sequence keeps what it held.
+  std::mt19937_64 rng(10);
+  KvCache<PagedLayout> cache(small_config(kv_dtype::f16), PagedLayout{4});
+  cache.add_sequence(1);
+  append_random(cache, 1, 3, rng);
+  cache.extend(1, 1);
+  cache.fork_sequence(1, 2);
+  const std::vector<seq_id> two{2};
+  const auto before = snapshot(cache, two);
+  std::vector<float> row(32, 0.5f), k(32), v(32);
+  cache.write(1, 0, 3, 1, row.data(), row.data());
+  EXPECT_EQ(cache.blocks_in_use(), 2);
+  const auto after = snapshot(cache, two);  // bytes compared: token 3 was never written, may be NaN
+  ASSERT_EQ(after.contents.size(), before.contents.size());
+  EXPECT_EQ(std::memcmp(after.contents.data(), before.contents.data(), before.contents.size() * sizeof(float)), 0);
+  cache.read(1, 0, 3, k.data(), v.data());
+  EXPECT_EQ(k, row);
 }
 
 TEST(KvCache, BatchExtendOfForksCopiesSharedBlocksOnce) {
@@ -329,6 +355,22 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   append_random(contiguous, 1, 5, rng);
   expect_unchanged_after<capacity_error>(contiguous, ids, [&] { contiguous.extend(1, 4); }, "capacity is 8");
   expect_unchanged_after<pool_exhausted>(contiguous, ids, [&] { contiguous.add_sequence(2); }, "2");
+  // A fork counts against max_sequences: it would need a block of its own at its first write.
+  expect_unchanged_after<pool_exhausted>(contiguous, ids, [&] { contiguous.fork_sequence(1, 2); }, "fork of sequence 1");
+
+  // A write into a block shared with a fork copies it first; with no block left it fails cleanly.
+  KvCache<PagedLayout> full(small_config(), PagedLayout{4, 1});
+  full.add_sequence(1);
+  append_random(full, 1, 2, rng);
+  full.fork_sequence(1, 2);
+  expect_unchanged_after<pool_exhausted>(full, ids, [&] { full.write(2, 0, 0, 1, kv.data(), kv.data()); }, "fork");
+
+  // Sizes near 2^63 fail as errors, not as overflow or a raw std::bad_alloc.
+  expect_unchanged_after<kvattn::error>(cache, ids, [&] { cache.extend(1, INT64_MAX - 9); }, "");
+  KvCache<PagedLayout> unlimited_pool(small_config());
+  unlimited_pool.add_sequence(1);
+  const std::vector<seq_id> one{1};
+  expect_unchanged_after<pool_exhausted>(unlimited_pool, one, [&] { unlimited_pool.extend(1, INT64_MAX - 3); }, "64-bit");
 }
 
 TEST(KvCacheErrors, InvalidLayouts) {

@@ -134,12 +134,19 @@ TEST(ModelConfig, BytesPerToken) {
             2 * 46 * 20 * 2);
 }
 
+TEST(ModelConfig, RejectsAValueThatIsNoDtype) {
+  EXPECT_THROW(ModelConfig(HeadShape(4, 2, 16), LayerSharingMap::none(2), static_cast<kv_dtype>(7)), config_error);
+}
+
 TEST(CheckedArithmetic, Overflow) {
   EXPECT_EQ(checked_mul(1 << 20, 1 << 20), std::int64_t{1} << 40);
   EXPECT_THROW(checked_mul(std::int64_t{1} << 40, std::int64_t{1} << 30), overflow_error);
   EXPECT_THROW(checked_add(INT64_MAX, 1), overflow_error);
   EXPECT_THROW(checked_mul(-1, 2), overflow_error);
   EXPECT_THROW(checked_product("x", 1 << 30, 1 << 30, 1 << 30), overflow_error);
+  EXPECT_EQ(ceil_div(INT64_MAX, 16), INT64_MAX / 16 + 1);
+  EXPECT_EQ(ceil_div(32, 16), 2);
+  EXPECT_EQ(ceil_div(0, 16), 0);
 }
 
 TEST(Dtype, RoundToNearestEven) {

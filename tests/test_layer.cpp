@@ -2,6 +2,9 @@
 // both RoPE conventions, decode continuing prefill positions, and CLA consumers writing nothing.
 #include <gtest/gtest.h>
 
+#include <cstring>
+#include <limits>
+
 #include "reference.hpp"
 
 using namespace kvattn;
@@ -131,6 +134,23 @@ TEST(AttentionLayer, RejectsBadInputs) {
   std::vector<float> x(32), y(32);
   const std::vector<seq_id> ids{1};
   EXPECT_THROW(layer.forward(cache, ids, std::vector<std::int64_t>{1}, x.data(), y.data()), shape_error);  // not extended
+  // Options are checked before the layer writes K/V: the extended row keeps what it held.
+  cache.extend(1, 1);
+  std::vector<float> k_before(2 * 16), v_before(2 * 16), k_after(2 * 16), v_after(2 * 16);
+  cache.read(1, 0, 0, k_before.data(), v_before.data());
+  const std::vector<std::int64_t> one{1};
+  AttentionOptions strided;
+  strided.q_stride = 4096;
+  EXPECT_THROW(layer.forward(cache, ids, one, x.data(), y.data(), strided), shape_error);
+  AttentionOptions bad_scale;
+  bad_scale.scale = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_THROW(layer.forward(cache, ids, one, x.data(), y.data(), bad_scale), shape_error);
+  AttentionOptions bad_threads;
+  bad_threads.threads = -1;
+  EXPECT_THROW(layer.forward(cache, ids, one, x.data(), y.data(), bad_threads), config_error);
+  cache.read(1, 0, 0, k_after.data(), v_after.data());
+  EXPECT_EQ(std::memcmp(k_before.data(), k_after.data(), k_after.size() * sizeof(float)), 0);
+  EXPECT_EQ(std::memcmp(v_before.data(), v_after.data(), v_after.size() * sizeof(float)), 0);
 }
 
 TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
@@ -194,4 +214,11 @@ TEST(AttentionStack, FailedForwardRestoresLengths) {
   EXPECT_EQ(cache.length(1), 0);
   EXPECT_THROW(stack.forward(cache, ids, std::vector<std::int64_t>{2}, nullptr, y.data()), shape_error);
   EXPECT_EQ(cache.length(1), 0);
+  AttentionOptions strided;
+  strided.out_stride = 64;
+  EXPECT_THROW(stack.forward(cache, ids, std::vector<std::int64_t>{2}, x.data(), y.data(), strided), shape_error);
+  EXPECT_EQ(cache.length(1), 0);
+  EXPECT_THROW((void)stack.layer(2), config_error);
+  EXPECT_THROW((void)stack.layer(-1), config_error);
+  EXPECT_EQ(stack.layer(1).layer(), 1);
 }

@@ -7,6 +7,7 @@
 #include <memory_resource>
 #include <new>
 #include <span>
+#include <stdexcept>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -85,10 +86,17 @@ class KvCache {
     seqs_.erase(it);
   }
 
-  /// New sequence `dst` with the same tokens as `src`, sharing its blocks (copy on write).
+  /// New sequence `dst` with the same tokens as `src`, sharing its blocks (copy on write). Where
+  /// every sequence reserves blocks (blocks_on_add() > 0, e.g. ContiguousLayout's max_sequences),
+  /// a fork counts as one: it is refused when the pool could not give each sequence its own.
   void fork_sequence(seq_id src, seq_id dst) {
     const Sequence& s = find(src)->second;
     if (seqs_.contains(dst)) detail::fail<sequence_error>("fork: sequence ", dst, " already exists");
+    const std::int64_t per_sequence = layout_.blocks_on_add();
+    if (per_sequence > 0 && layout_.max_blocks() != unlimited &&
+        static_cast<std::int64_t>(seqs_.size()) + 1 > layout_.max_blocks() / per_sequence)
+      detail::fail<pool_exhausted>("fork of sequence ", src, " into ", dst, ": ", seqs_.size(), " sequences of ",
+                                   per_sequence, " block(s) each already fill the pool of ", layout_.max_blocks());
     Sequence copy = s;  // may throw: nothing changed yet
     seqs_.emplace(dst, std::move(copy));
     for (std::byte* b : s.blocks) ++refcount_.find(b)->second;
@@ -163,18 +171,14 @@ class KvCache {
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
     } catch (...) {
       undo_acquire(acquired);
-      throw;
+      rethrow_out_of_memory(needed, "a sequence's block table");
     }
     // Commit: nothing below throws.
     std::size_t next = 0;
     for (const Plan& p : plans) {
       for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
         std::byte*& slot = p.seq->blocks[static_cast<std::size_t>(b)];
-        if (!is_shared(slot)) continue;
-        std::byte* copy = fresh[next++];
-        std::memcpy(copy, slot, static_cast<std::size_t>(block_bytes_));
-        --refcount_.find(slot)->second;
-        slot = copy;
+        if (is_shared(slot)) unshare(slot, fresh[next++]);
       }
       for (std::int64_t b = 0; b < p.new_blocks; ++b) p.seq->blocks.push_back(fresh[next++]);
       live_tokens_ += p.new_length - p.seq->length;
@@ -311,16 +315,24 @@ class KvCache {
   void write_rows(seq_id id, int layer, std::int64_t pos, std::int64_t n, const Src* k, const Src* v,
                   std::int64_t token_stride, std::int64_t row_units, const char* what, Copy&& copy) {
     const int slot = producer_slot(layer);
-    const Sequence& s = find(id)->second;
+    Sequence& s = find(id)->second;
     if (token_stride < row_units)
       detail::fail<shape_error>(what, ": token stride ", token_stride, " is less than Hkv x d = ", row_units);
     if (n < 0 || pos < 0 || pos > s.length - n)
       detail::fail<shape_error>(what, " tokens [", pos, ", ", pos + n, ") of sequence ", id, " of length ", s.length);
     if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
-    for (std::int64_t b = pos / layout_.block_tokens(); n > 0 && b <= (pos + n - 1) / layout_.block_tokens(); ++b)
-      if (is_shared(s.blocks[static_cast<std::size_t>(b)]))
-        detail::fail<sequence_error>(what, ": tokens of sequence ", id, " at block ", b,
-                                     " are shared with a forked sequence; only new tokens may be written");
+    // Blocks shared with a fork are copied first, so the other sequences keep what they read.
+    const std::int64_t first = pos / layout_.block_tokens(), last = n > 0 ? (pos + n - 1) / layout_.block_tokens() + 1 : first;
+    std::int64_t shared = 0;
+    for (std::int64_t b = first; b < last; ++b) shared += is_shared(s.blocks[static_cast<std::size_t>(b)]);
+    if (shared > 0) {
+      const Acquired acquired = acquire_blocks(shared, detail::message("copying sequence ", id, "'s blocks shared with a fork"));
+      std::size_t next = 0;  // nothing below throws
+      for (std::int64_t b = first; b < last; ++b) {
+        std::byte*& block = s.blocks[static_cast<std::size_t>(b)];
+        if (is_shared(block)) unshare(block, acquired.blocks[next++]);
+      }
+    }
     const KvSlotView sv = slot_view_of(slot);
     const std::int64_t head_units = row_units / sv.kv_heads;
     visit_dtype(config_.dtype(), [&](auto tag) {
@@ -351,6 +363,14 @@ class KvCache {
 
   bool is_shared(std::byte* block) const { return refcount_.find(block)->second > 1; }
 
+  /// Copies a shared block into `fresh` (acquired, refcount 1) and points `block` at the copy,
+  /// dropping one reference to the original. Never throws.
+  void unshare(std::byte*& block, std::byte* fresh) noexcept {
+    std::memcpy(fresh, block, static_cast<std::size_t>(block_bytes_));
+    --refcount_.find(block)->second;
+    block = fresh;
+  }
+
   /// Blocks taken by acquire_blocks: the first `from_free` came from the free list.
   struct Acquired {
     std::vector<std::byte*> blocks;
@@ -365,6 +385,8 @@ class KvCache {
     if (layout_.max_blocks() != unlimited && n > layout_.max_blocks() - in_use)
       detail::fail<pool_exhausted>("KV block pool exhausted: ", for_what, " needs ", n, " more block(s), ",
                                    in_use, " of ", layout_.max_blocks(), " are in use");
+    if (std::int64_t bytes = 0; __builtin_mul_overflow(n, block_bytes_, &bytes))
+      detail::fail<pool_exhausted>(for_what, " needs ", n, " block(s) of ", block_bytes_, " bytes: more than 64-bit memory holds");
     std::vector<std::byte*> out;
     std::size_t from_free = 0, counted = 0;
     try {
@@ -380,15 +402,22 @@ class KvCache {
       for (std::size_t i = 0; i < counted; ++i) refcount_.erase(out[i]);
       for (std::size_t i = from_free; i < out.size(); ++i)
         resource_->deallocate(out[i], static_cast<std::size_t>(block_bytes_), block_alignment);
-      try {
-        throw;
-      } catch (const std::bad_alloc&) {
-        detail::fail<pool_exhausted>("out of memory while taking ", n, " block(s) of ", block_bytes_,
-                                     " bytes for ", for_what, " (memory resource or bookkeeping)");
-      }
+      rethrow_out_of_memory(n, for_what);
     }
     free_.resize(free_.size() - from_free);
     return {std::move(out), from_free};
+  }
+
+  /// Inside a catch block: rethrows the current exception, an allocation failure (std::bad_alloc,
+  /// or std::length_error from a container asked for more than it can hold) as pool_exhausted.
+  [[noreturn]] void rethrow_out_of_memory(std::int64_t n, const std::string& for_what) const {
+    try {
+      throw;
+    } catch (const std::bad_alloc&) {
+    } catch (const std::length_error&) {
+    }
+    detail::fail<pool_exhausted>("out of memory while taking ", n, " block(s) of ", block_bytes_, " bytes for ",
+                                 for_what, " (memory resource or bookkeeping)");
   }
 
   /// Undoes acquire_blocks exactly: free-list blocks go back to the free list (capacity is reserved),

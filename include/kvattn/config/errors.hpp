@@ -92,7 +92,7 @@ std::int64_t checked_product(const char* what, std::int64_t first, Ints... rest)
   return r;
 }
 
-/// Ceiling division of non-negative values.
-constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+/// Ceiling division of non-negative values (no intermediate that can overflow).
+constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace kvattn

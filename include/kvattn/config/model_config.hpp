@@ -14,8 +14,8 @@ class ModelConfig {
  public:
   ModelConfig(HeadShape heads, LayerSharingMap layers, kv_dtype dtype = kv_dtype::f16)
       : heads_(heads), layers_(std::move(layers)), dtype_(dtype) {
-    (void)dtype_bytes(dtype);
-    kv_bytes_per_token();  // throws if it overflows
+    visit_dtype(dtype, [](auto) {});  // throws config_error for a value that is no kv_dtype
+    kv_bytes_per_token();               // throws if it overflows
   }
 
   const HeadShape& heads() const { return heads_; }

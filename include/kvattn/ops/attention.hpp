@@ -14,12 +14,22 @@ namespace kvattn {
 /// Options shared by the attention calls.
 struct AttentionOptions {
   float scale = 0.f;             ///< logit scale; 0 means 1/sqrt(d)
-  int threads = 0;               ///< 0: the global default (set_num_threads), else this many
+  int threads = 0;               ///< 0: the global default (set_num_threads), else this many (>= 0)
   std::int64_t q_stride = 0;     ///< floats between query tokens; 0 means Hq x d (dense)
   std::int64_t out_stride = 0;   ///< floats between output tokens; 0 means Hq x d (dense)
 };
 
 namespace detail {
+
+/// Validates options for calls whose query and output tokens are `row` = Hq x d floats wide.
+inline void check_options(const AttentionOptions& opt, std::int64_t row, const char* what) {
+  if (opt.threads < 0) fail<config_error>(what, ": thread count must be >= 0, got ", opt.threads);
+  const std::int64_t q_stride = opt.q_stride == 0 ? row : opt.q_stride;
+  const std::int64_t out_stride = opt.out_stride == 0 ? row : opt.out_stride;
+  if (q_stride < row || out_stride < row)
+    fail<shape_error>(what, ": token strides (q ", q_stride, ", out ", out_stride, ") must be >= Hq x d = ", row);
+  if (!(opt.scale >= 0.f) || !std::isfinite(opt.scale)) fail<shape_error>(what, ": scale must be finite and >= 0, got ", opt.scale);
+}
 
 /// Validates a batch against the cache and runs it. counts[b] query tokens per sequence; with
 /// `causal` they are the sequence's last counts[b] tokens.
@@ -32,11 +42,9 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   if (seqs.size() != counts.size())
     fail<shape_error>(what, ": ", seqs.size(), " sequences but ", counts.size(), " token counts");
   const std::int64_t row = std::int64_t{hq} * d;
+  check_options(opt, row, what);
   const std::int64_t q_stride = opt.q_stride == 0 ? row : opt.q_stride;
   const std::int64_t out_stride = opt.out_stride == 0 ? row : opt.out_stride;
-  if (q_stride < row || out_stride < row)
-    fail<shape_error>(what, ": token strides (q ", q_stride, ", out ", out_stride, ") must be >= Hq x d = ", row);
-  if (!(opt.scale >= 0.f) || !std::isfinite(opt.scale)) fail<shape_error>(what, ": scale must be finite and >= 0, got ", opt.scale);
   std::vector<KvSequenceView> views;
   std::vector<std::int64_t> offsets{0};
   views.reserve(seqs.size());

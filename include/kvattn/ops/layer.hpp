@@ -40,15 +40,27 @@ class AttentionLayer {
   }
 
   int layer() const { return layer_; }
+
+  /// Throws unless opt suits forward (checked before anything is written): strides 0, valid
+  /// scale and thread count.
+  void check_options(const AttentionOptions& opt, const char* what) const {
+    if (opt.q_stride != 0 || opt.out_stride != 0)
+      detail::fail<shape_error>(what, ": token strides (q ", opt.q_stride, ", out ", opt.out_stride,
+                                ") must be 0: they describe attention calls' q and out, and a layer's are its own");
+    detail::check_options(opt, std::int64_t{heads_.q_heads()} * heads_.head_dim(), what);
+  }
   bool is_producer() const { return producer_; }
   int d_model() const { return d_model_; }
 
   /// x and y are [sum(counts)][d_model] (sequences in order). The cache must already hold the new
   /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
   /// (AttentionStack does it). Token i of a sequence of length L after extend gets position L - n + i.
+  /// Of the options, scale and threads apply; the token strides must be 0 (the layer's own
+  /// queries and outputs are dense).
   template <KvLayoutPolicy L>
   void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
                float* y, const AttentionOptions& opt = {}) {
+    check_options(opt, "layer forward");
     if (cache.config().heads() != heads_ || !(cache.config().layers() == layers_))
       detail::fail<shape_error>("layer ", layer_, ": the cache was built for another model (head layout or sharing map differs)");
     if (seqs.size() != counts.size())
@@ -110,7 +122,11 @@ class AttentionStack {
   }
 
   std::size_t size() const { return layers_.size(); }
-  const AttentionLayer& layer(int l) const { return layers_.at(static_cast<std::size_t>(l)); }
+  const AttentionLayer& layer(int l) const {
+    if (l < 0 || static_cast<std::size_t>(l) >= layers_.size())
+      detail::fail<config_error>("layer ", l, " out of range [0, ", layers_.size(), ")");
+    return layers_[static_cast<std::size_t>(l)];
+  }
 
   /// Runs counts[b] new tokens of every sequence through all layers: extends the cache, then each
   /// layer in order. x and y are [sum(counts)][d_model]; y may alias x. On an exception the cache
@@ -121,6 +137,7 @@ class AttentionStack {
     std::int64_t tokens = 0;
     for (std::int64_t c : counts) tokens = checked_add(tokens, std::max<std::int64_t>(c, 0), "tokens");
     if (tokens > 0 && (x == nullptr || y == nullptr)) detail::fail<shape_error>("stack forward: null x or y");
+    layers_.front().check_options(opt, "stack forward");
     std::vector<std::int64_t> old_lengths;
     for (seq_id s : seqs) old_lengths.push_back(cache.length(s));
     cache.extend(seqs, counts);
