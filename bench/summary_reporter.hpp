@@ -87,15 +87,25 @@ class SummaryReporter : public benchmark::ConsoleReporter {
 
 /// main() of the benchmark binaries: `--summary` installs SummaryReporter (and is removed before
 /// benchmark::Initialize, which rejects unknown flags); without it the default reporter runs.
-inline int run_main(int argc, char** argv) {
+/// `--help` lists --summary and the binary's own extra_flags before Google Benchmark's flags.
+inline int run_main(int argc, char** argv, const char* extra_flags = "") {
   bool summary = false;
   std::vector<char*> args;
   for (int i = 0; i < argc; ++i) {
-    if (i > 0 && std::string_view(argv[i]) == "--summary")
+    const std::string_view a = argv[i];
+    if (i > 0 && a == "--summary")
       summary = true;
     else
       args.push_back(argv[i]);
+    if (i > 0 && (a == "--help" || a == "-h"))  // before Google Benchmark's own help, which exits
+      std::printf("kvattn flags:\n  --summary                one table per binary instead of the console reporter\n%s\n",
+                  extra_flags);
   }
+  for (const char* a : args)
+    if (summary && std::string_view(a).starts_with("--benchmark_format")) {
+      std::fprintf(stderr, "--summary replaces the console format; for JSON use --benchmark_out_format=json\n");
+      return 1;
+    }
   int n = static_cast<int>(args.size());
   args.push_back(nullptr);  // argv[argc] is null by convention
   benchmark::Initialize(&n, args.data());
