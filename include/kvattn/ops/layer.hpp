@@ -40,6 +40,8 @@ class AttentionLayer {
   }
 
   int layer() const { return layer_; }
+  bool is_producer() const { return producer_; }
+  int d_model() const { return d_model_; }
 
   /// Throws unless opt suits forward (checked before anything is written): strides 0, valid
   /// scale and thread count.
@@ -49,8 +51,6 @@ class AttentionLayer {
                                 ") must be 0: they describe attention calls' q and out, and a layer's are its own");
     detail::check_options(opt, std::int64_t{heads_.q_heads()} * heads_.head_dim(), what);
   }
-  bool is_producer() const { return producer_; }
-  int d_model() const { return d_model_; }
 
   /// x and y are [sum(counts)][d_model] (sequences in order). The cache must already hold the new
   /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
