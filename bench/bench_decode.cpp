@@ -226,6 +226,22 @@ double median(std::vector<double>& v) {
   return v.empty() ? 0. : v[v.size() / 2];
 }
 
+/// The two streaming reads of the same bytes whose faster median is the stream floor: with software
+/// prefetches and without (which is faster depends on the CPU and the hour); each after evicting
+/// the bytes when `cold`.
+struct FloorReads {
+  std::vector<double> prefetched, plain;
+
+  void time(std::span<const std::span<const float>> bytes, int threads, bool cold) {
+    if (cold) evict_caches(bytes);
+    prefetched.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, true));
+    if (cold) evict_caches(bytes);
+    plain.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, false));
+  }
+  double floor_seconds() { return std::min(median(prefetched), median(plain)); }
+  bool prefetch_faster() { return median(prefetched) <= median(plain); }
+};
+
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
 /// one step (the iteration's time), then two streaming reads of the same K/V bytes (with software
 /// prefetches, then without: which is faster depends on the CPU and the hour, and the floor is the
@@ -237,7 +253,8 @@ double median(std::vector<double>& v) {
 template <class Step>
 Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::span<const float>> bytes, double flops,
                    int threads, bool cold) {
-  std::vector<double> steps, prefetched, plain, fmas;
+  std::vector<double> steps, fmas;
+  FloorReads reads;
   for (auto _ : state) {
     if (cold) evict_caches(bytes);
     const auto t0 = std::chrono::steady_clock::now();
@@ -245,14 +262,10 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     const double t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     state.SetIterationTime(t);
     steps.push_back(t);
-    if (cold) evict_caches(bytes);
-    prefetched.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, true));
-    if (cold) evict_caches(bytes);
-    plain.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, false));
+    reads.time(bytes, threads, cold);
     fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
-  const double with = median(prefetched), without = median(plain);
-  return {median(steps), std::min(with, without), median(fmas), with <= without};
+  return {median(steps), reads.floor_seconds(), median(fmas), reads.prefetch_faster()};
 }
 
 /// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
@@ -402,16 +415,16 @@ void BM_Overlap(benchmark::State& state, int fmas) {
     benchmark::DoNotOptimize(sinks.data());
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  std::vector<double> streamed, prefetched, plain, l2;
+  std::vector<double> streamed, l2;
+  FloorReads reads;
   for (auto _ : state) {
     const double t = kvattn_bench::stream_read_seconds(memory, threads, fmas);
     state.SetIterationTime(t);
     streamed.push_back(t);
-    prefetched.push_back(kvattn_bench::stream_read_seconds(memory, threads, 0, true));
-    plain.push_back(kvattn_bench::stream_read_seconds(memory, threads, 0, false));
+    reads.time(memory, threads, false);
     l2.push_back(in_l2());
   }
-  const double f = std::min(median(prefetched), median(plain));  // the floor the decode benchmarks use
+  const double f = reads.floor_seconds();  // the floor the decode benchmarks use
   state.counters["median_us"] = median(streamed) * 1e6;
   state.counters["floor_ratio"] = median(streamed) / f;
   state.counters["compute_ratio"] = median(l2) / f;

@@ -21,14 +21,20 @@ struct AttentionOptions {
 
 namespace detail {
 
-/// Validates options for calls whose query and output tokens are `row` = Hq x d floats wide.
-inline void check_options(const AttentionOptions& opt, std::int64_t row, const char* what) {
+/// Token strides in floats, 0 resolved to dense.
+struct TokenStrides {
+  std::int64_t q, out;
+};
+
+/// Validates options for calls whose query and output tokens are `row` = Hq x d floats wide, and
+/// returns their token strides.
+inline TokenStrides check_options(const AttentionOptions& opt, std::int64_t row, const char* what) {
   if (opt.threads < 0) fail<config_error>(what, ": thread count must be >= 0, got ", opt.threads);
-  const std::int64_t q_stride = opt.q_stride == 0 ? row : opt.q_stride;
-  const std::int64_t out_stride = opt.out_stride == 0 ? row : opt.out_stride;
-  if (q_stride < row || out_stride < row)
-    fail<shape_error>(what, ": token strides (q ", q_stride, ", out ", out_stride, ") must be >= Hq x d = ", row);
+  const TokenStrides s{opt.q_stride == 0 ? row : opt.q_stride, opt.out_stride == 0 ? row : opt.out_stride};
+  if (s.q < row || s.out < row)
+    fail<shape_error>(what, ": token strides (q ", s.q, ", out ", s.out, ") must be >= Hq x d = ", row);
   if (!(opt.scale >= 0.f) || !std::isfinite(opt.scale)) fail<shape_error>(what, ": scale must be finite and >= 0, got ", opt.scale);
+  return s;
 }
 
 /// Validates a batch against the cache and runs it. counts[b] query tokens per sequence; with
@@ -41,10 +47,7 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   const KvSlotView slot = cache.slot_view(layer);  // throws on a bad layer
   if (seqs.size() != counts.size())
     fail<shape_error>(what, ": ", seqs.size(), " sequences but ", counts.size(), " token counts");
-  const std::int64_t row = std::int64_t{hq} * d;
-  check_options(opt, row, what);
-  const std::int64_t q_stride = opt.q_stride == 0 ? row : opt.q_stride;
-  const std::int64_t out_stride = opt.out_stride == 0 ? row : opt.out_stride;
+  const TokenStrides strides = check_options(opt, std::int64_t{hq} * d, what);
   std::vector<KvSequenceView> views;
   std::vector<std::int64_t> offsets{0};
   views.reserve(seqs.size());
@@ -65,9 +68,9 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   pb.seqs = views;
   pb.q_offsets = offsets;
   pb.q = q;
-  pb.q_stride = q_stride;
+  pb.q_stride = strides.q;
   pb.out = out;
-  pb.out_stride = out_stride;
+  pb.out_stride = strides.out;
   pb.scale = opt.scale == 0.f ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
   pb.causal = causal;
   const kernels::AttentionPlan plan = kernels::plan_attention(pb);
