@@ -19,6 +19,11 @@
 // grid (default f16); --huge_pages, the kvattn caches on kvattn::HugePageResource (2 MiB pages).
 // The Eigen baseline is built with the default flags (SSE2 on x86-64), as a user's code would be.
 //   Roofline/<D1..D5>/<dtype>/<isa>[/cold]/threads:<n>          the decode shapes, runtime dispatch
+//   Roofline/<D2,D4,D5>/bf16/avx512/fpmath_bf16[/cold]/threads:<n> the same with fpmath_mode::bf16
+//                                                             (bf16 pair products; CPUs with
+//                                                             AVX512_BF16 only). Its floor_ratio keeps the f32
+//                                                             FMA peak: a pair product does twice
+//                                                             the multiplies of an FMA
 //   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
 //   Overlap/fmas_per_vector:<F>/threads:<n>                   streaming with F FMAs per loaded vector against
 //                                                             the same work in L2 (how far memory and compute overlap)
@@ -351,20 +356,23 @@ struct ForcedIsa {
 /// The decode shapes D1..D5 (Hq 32, d 128) for every storage type, ISA path and thread
 /// count, through the runtime-dispatched API a default user calls (HeadShape, not a static layout).
 /// Cold runs evict the caches before every step, as a real model's next layer would.
-void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype, kvattn::isa path, bool cold) {
+void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype, kvattn::isa path, kvattn::fpmath_mode fpmath,
+                 bool cold) {
   const int threads = static_cast<int>(state.range(0));
   const ForcedIsa forced(path);
   const std::int64_t kv_bytes = s.kv_bytes(kvattn::dtype_bytes(dtype));
   Resident& r = resident("kvattn/" + s.key() + "/" + std::string(kvattn::dtype_name(dtype)));
   if (!r.cache) r.cache = build_cache(s, dtype);
   DecodeInputs in(s, threads);
+  in.opt.fpmath = fpmath;
   auto step = [&] {
     kvattn::decode(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   };
   set_counters(state, s, kv_bytes, threads, paired_loop(state, step, kv_ranges(*r.cache, s, kv_bytes), s.flops(), threads, cold));
-  state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)));
+  state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)) +
+                 (fpmath == kvattn::fpmath_mode::bf16 ? "/fpmath_bf16" : ""));
 }
 
 void register_roofline() {
@@ -379,13 +387,22 @@ void register_roofline() {
   for (const Named& n : shapes) {
     for (kvattn::kv_dtype dtype : {kvattn::kv_dtype::f16, kvattn::kv_dtype::bf16, kvattn::kv_dtype::f32})
       for (kvattn::isa path : kvattn::supported_isas())
-        for (bool cold : {false, true}) {
-          if (cold && !n.cold) continue;
-          const std::string name = std::string("Roofline/") + n.id + "/" + std::string(kvattn::dtype_name(dtype)) + "/" +
-                                   std::string(kvattn::isa_name(path)) + (cold ? "/cold" : "");
-          auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, cold);
-          b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
-          if (cold) b->Iterations(20);
+        for (kvattn::fpmath_mode fpmath : {kvattn::fpmath_mode::strict, kvattn::fpmath_mode::bf16}) {
+          // bf16 products only where a kernel takes them: bf16 storage, the AVX-512 path with
+          // AVX512_BF16, groups of 2 to 8 (D2, D4, D5; D1 and D3 would run the strict kernels).
+          const int group = q_heads / n.shape.kv_heads;
+          const bool products = dtype == kvattn::kv_dtype::bf16 && path == kvattn::isa::avx512 && kvattn::cpu_supports_bf16_dot() &&
+                                group >= 2 && group <= 8;
+          if (fpmath == kvattn::fpmath_mode::bf16 && !products) continue;
+          for (bool cold : {false, true}) {
+            if (cold && !n.cold) continue;
+            const std::string name = std::string("Roofline/") + n.id + "/" + std::string(kvattn::dtype_name(dtype)) + "/" +
+                                     std::string(kvattn::isa_name(path)) +
+                                     (fpmath == kvattn::fpmath_mode::bf16 ? "/fpmath_bf16" : "") + (cold ? "/cold" : "");
+            auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, fpmath, cold);
+            b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+            if (cold) b->Iterations(20);
+          }
         }
     benchmark::RegisterBenchmark((std::string("RooflineEigenNaive/") + n.id).c_str(), BM_DecodeEigenNaive, n.shape)
         ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();

@@ -205,6 +205,67 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   }
 }
 
+TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
+  // fpmath_mode::bf16 with bf16 storage, decode. Where the pair-product kernel runs (AVX-512 with
+  // AVX512_BF16, groups 2, 4, 8, head dims a multiple of 32) the kernel rounds q * scale * log2(e)
+  // to bf16; the reference gets that rounded q back, so what remains is the rounding of each
+  // probability to bf16: weights within a factor (1 + 2^-9) / (1 - 2^-9) of the exact ones, so
+  // |error| <= 2^-8 x max|v| (|v| <= 1) on top of the 1e-4 of f32 arithmetic, at any logit size.
+  // Everywhere else the call must give strict's bits. Pair products must also differ from strict
+  // in most cases (they did run) and not depend on the thread count.
+  std::mt19937_64 rng(61);
+  int dot_cases = 0, dot_differs = 0;
+  for (int i = 0; i < kvattn::testing::scaled_cases(160); ++i) {
+    Case c = random_case(rng, mode::decode);
+    c.dtype = kv_dtype::bf16;
+    c.layers = 1, c.factor = 1, c.layer = 0;
+    if (i % 3 == 0) c.d = 32 * (2 + static_cast<int>(rng() % 5));  // also dynamic dims 96 and 160
+    if (i % 5 == 0) c.q_scale = 40.f;  // logits in the hundreds
+    const int group = c.hq / c.hkv;
+    const bool dot = GetParam() == isa::avx512 && cpu_supports_bf16_dot() && (group == 2 || group == 4 || group == 8) && c.d % 32 == 0;
+    dot_cases += dot;
+    const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::none(1), c.dtype);
+    KvCache<PagedLayout> cache(cfg, PagedLayout{c.block});
+    std::vector<seq_id> ids;
+    for (std::size_t b = 0; b < c.prefix.size(); ++b) {
+      ids.push_back(static_cast<seq_id>(b));
+      cache.add_sequence(ids.back());
+      append_random(cache, ids.back(), c.prefix[b] + 1, rng);
+    }
+    const std::int64_t row = std::int64_t{c.hq} * c.d;
+    const auto q = random_floats(rng, ids.size() * static_cast<std::size_t>(row), -c.q_scale, c.q_scale);
+    const auto run = [&](fpmath_mode fpmath, int threads) {
+      std::vector<float> out(q.size());
+      AttentionOptions opt;
+      opt.threads = threads;
+      opt.fpmath = fpmath;
+      decode(cache, 0, ids, q.data(), out.data(), opt);
+      return out;
+    };
+    const std::vector<float> out = run(fpmath_mode::bf16, 1), strict = run(fpmath_mode::strict, 1);
+    const bool same_as_strict = std::memcmp(out.data(), strict.data(), out.size() * sizeof(float)) == 0;
+    if (!dot) {
+      ASSERT_TRUE(same_as_strict) << c.describe();
+      continue;
+    }
+    dot_differs += !same_as_strict;  // (one key, or one-hot weights, give v exactly either way)
+    const std::vector<float> two_threads = run(fpmath_mode::bf16, 2);
+    ASSERT_EQ(0, std::memcmp(out.data(), two_threads.data(), out.size() * sizeof(float))) << c.describe();
+    // The kernel's q: bf16(q x s) with s = scale x log2(e) in float, as the kernel computes it.
+    const float s = 1.f / std::sqrt(static_cast<float>(c.d)) * 1.44269504088896340736f;
+    std::vector<float> q_rounded(q.size());
+    for (std::size_t j = 0; j < q.size(); ++j) q_rounded[j] = static_cast<float>(double(Eigen::bfloat16(q[j] * s)) / s);
+    for (std::size_t b = 0; b < ids.size(); ++b) {
+      const auto ref = reference_attention(cache, 0, ids[b], q_rounded.data() + b * row, 1, true);
+      ASSERT_LE(max_abs_diff(out.data() + b * row, ref.data(), ref.size()), std::ldexp(1.0, -8) + 1e-4) << c.describe();
+    }
+  }
+  if (GetParam() == isa::avx512 && cpu_supports_bf16_dot()) {
+    EXPECT_GT(dot_cases, 20);
+    EXPECT_GE(dot_differs, dot_cases * 3 / 4);
+  }
+}
+
 TEST_P(PerIsa, VectorizedExpError) {
   // exp2 over the whole range the softmax feeds it ([-126, 0] and a little above): max relative
   // error <= 4e-7 (a few ulp) against the double result, exactly 0 below -126 and for -inf.

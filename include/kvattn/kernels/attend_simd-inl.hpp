@@ -671,6 +671,103 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   store_rows(acc, o, d);
 }
 
+/// Whether the direct kernel for R rows of storage type T takes bf16 pair products when
+/// fpmath_mode::bf16 allows them (Bf16Dot): bf16 K/V, a path that has them (V::bf16_dot), 2 to 8
+/// rows. One row reads memory, not the multipliers, at its limit, and its f32 kernel is faster there
+/// (AMD EPYC family 26, one row, 2048 keys in L2, one thread: 18.7 -> 23.8 us with pair products);
+/// 16 rows take direct_qk_lanes.
+template <bool Bf16Dot, int R, class T>
+inline constexpr bool direct_bf16_dot = Bf16Dot && V::bf16_dot && std::is_same_v<T, Eigen::bfloat16> && R >= 2 && R <= 8;
+
+/// direct_scores with bf16 pair products (direct_bf16_dot): the R rows' queries qb (R x d bf16) and
+/// the K rows as stored, 32 dims a step, each K vector serving all rows; scores in the same layout,
+/// the rows ahead prefetched as direct_qk asks for them. d a multiple of 32. (W: the SIMD interface,
+/// a template parameter so that paths without pair products never look them up.)
+template <int R, int SD, class W = V>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores_bf16(const Eigen::bfloat16* qb, int d_runtime, const Eigen::bfloat16* const* kr,
+                                                           const Eigen::bfloat16* const* next_k, int n, float* s) {
+  using T = Eigen::bfloat16;
+  constexpr int KB = L / R;
+  const int d = SD != dynamic ? SD : d_runtime;
+  const int row_lines = d * 2 / 64;
+  const int steps = d / (2 * L);
+  for (int b = 0; b < (n + KB - 1) / KB; ++b) {
+    vec acc[L];
+    KVATTN_UNROLL(16)
+    for (int a = 0; a < L; ++a) acc[a] = W::zero();
+    TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k + b * KB, 0, row_lines, 0);
+    for (int i = 0; i < steps; ++i) {
+      next_lines.lines(i * KB * row_lines / steps, (i + 1) * KB * row_lines / steps);
+      typename W::pairs qv[R];
+      KVATTN_UNROLL(8)
+      for (int r = 0; r < R; ++r) qv[r] = W::load_pairs(qb + r * d + i * 2 * L);
+      KVATTN_UNROLL(16)
+      for (int j = 0; j < KB; ++j) {
+        const typename W::pairs kv = W::load_pairs(kr[b * KB + j] + i * 2 * L);
+        KVATTN_UNROLL(8)
+        for (int r = 0; r < R; ++r) acc[r * KB + j] = W::dot_pairs(acc[r * KB + j], qv[r], kv);
+      }
+    }
+    W::hsum(acc, s + b * L);
+  }
+}
+
+/// The probabilities e of a score vector rounded to bf16, stored to pb and returned as f32, so the
+/// softmax sums exactly the weights the pair products use.
+template <class W = V>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET vec bf16_probabilities(vec e, Eigen::bfloat16* pb) {
+  return W::round_bf16(e, pb);
+}
+
+/// direct_pv_pass with bf16 pair products: the probabilities pb (bf16, score layout) of two keys
+/// j, j + 1 of a row as one broadcast pair, their V rows zipped into pairs (W::zip_pairs), so each
+/// product serves two keys. The NV (even) accumulators of a row hold its dims in zip order (the
+/// pairs' order, see W::zip_pairs); unzip_rows restores dim order. KB even: keys pair up within a
+/// score vector.
+template <int R, int NV, int SD, class W = V>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_bf16(float* o, int d, const float* alpha, const Eigen::bfloat16* pb,
+                                                            const Eigen::bfloat16* const* kr, std::ptrdiff_t v_bytes, int c0, int nb,
+                                                            const Eigen::bfloat16* const* next_k) {
+  using T = Eigen::bfloat16;
+  constexpr int KB = L / R;
+  static_assert(NV % 2 == 0 && KB % 2 == 0);
+  constexpr int lines = NV * L * 2 / 64;  // of each row, in this pass
+  const int row_lines = d * 2 / 64;
+  const int g_begin = c0 * 2 / 64 * direct_key_tile;
+  TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k, v_bytes, row_lines, g_begin);
+  vec acc[R][NV];
+  load_scaled(acc, o, d, alpha, KB);
+  for (int b = 0; b < nb; ++b) {
+    KVATTN_UNROLL(16)
+    for (int j = 0; j < KB; j += 2) {
+      const int g = g_begin + (b * KB + j) * lines;
+      next_lines.lines(g, g + 2 * lines);
+      typename W::pairs pj[R];
+      KVATTN_UNROLL(8)
+      for (int r = 0; r < R; ++r) pj[r] = W::broadcast_pair(pb + b * L + r * KB + j);
+      const T* v0 = byte_offset(kr[b * KB + j], v_bytes) + c0;
+      const T* v1 = byte_offset(kr[b * KB + j + 1], v_bytes) + c0;
+      KVATTN_UNROLL(8)
+      for (int k = 0; k < NV; k += 2) {
+        typename W::pairs lo, hi;
+        W::zip_pairs(W::load_pairs(v0 + k * L), W::load_pairs(v1 + k * L), lo, hi);
+        KVATTN_UNROLL(8)
+        for (int r = 0; r < R; ++r) acc[r][k] = W::dot_pairs(acc[r][k], lo, pj[r]), acc[r][k + 1] = W::dot_pairs(acc[r][k + 1], hi, pj[r]);
+      }
+    }
+  }
+  store_rows(acc, o, d);
+}
+
+/// Rows of d floats (d a multiple of 2L) from the zip order of direct_pv_pass_bf16 back to dim
+/// order: within each 2L dims, lane 4t + u of the first vector is dim 8t + u, of the second 8t + 4 + u.
+inline void unzip_rows(const float* src, int rows, int d, float* dst) {
+  for (int r = 0; r < rows; ++r)
+    for (int c = r * d; c < (r + 1) * d; c += 2 * L)
+      for (int t = 0; t < L / 4; ++t)
+        for (int u = 0; u < 4; ++u) dst[c + 8 * t + u] = src[c + 4 * t + u], dst[c + 8 * t + 4 + u] = src[c + L + 4 * t + u];
+}
+
 /// Vectors per P·V pass of the direct kernel for R rows: its accumulators fill pv_regs registers.
 template <int R>
 inline constexpr int direct_pv_vectors = V::pv_regs / R;
@@ -682,20 +779,34 @@ inline constexpr int direct_pv_vectors = V::pv_regs / R;
 /// (AMD EPYC family 26, one row, 512 keys in L2, one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22
 /// us, f32 4.95 -> 4.81 us; MHA 32/32 d=128 T=4096 f16 decode, 2 threads, medians of 7 and of 9
 /// interleaved runs: 990 -> 935, 1014 -> 992 us).
-template <int R, int SD, class T>
-KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* alpha, const float* p, const T* const* kr,
-                                                  std::ptrdiff_t v_bytes, int nb, const T* const* next_k) {
+/// One P·V pass of NV vectors from dim c0 on: bf16 pair products with the probabilities pb if Dot,
+/// else f32 ones with p.
+template <int R, int NV, int SD, class T, bool Dot>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_of(float* o, int d, const float* alpha, const float* p, const Eigen::bfloat16* pb,
+                                                          const T* const* kr, std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
+  if constexpr (!Dot) {
+    direct_pv_pass<R, NV, SD, T>(o, d, alpha, p, kr, v_bytes, c0, nb, next_k);
+  } else if constexpr (NV % 2 == 0) {
+    direct_pv_pass_bf16<R, NV, SD>(o, d, alpha, pb, kr, v_bytes, c0, nb, next_k);
+  }
+}
+
+/// With Dot (direct_bf16_dot), the passes take bf16 pair products with the probabilities pb
+/// instead (d a multiple of 2L, so every pass has an even count).
+template <int R, int SD, class T, bool Dot = false>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* alpha, const float* p, const Eigen::bfloat16* pb,
+                                                  const T* const* kr, std::ptrdiff_t v_bytes, int nb, const T* const* next_k) {
   constexpr int NVP = direct_pv_vectors<R>;
   const int nv = d / L;
   int k = 0;
-  for (; k + NVP <= nv; k += NVP) direct_pv_pass<R, NVP, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+  for (; k + NVP <= nv; k += NVP) direct_pv_pass_of<R, NVP, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
   if constexpr (NVP > 8)
-    for (; k + 8 <= nv; k += 8) direct_pv_pass<R, 8, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    for (; k + 8 <= nv; k += 8) direct_pv_pass_of<R, 8, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
   if constexpr (NVP > 4)
-    for (; k + 4 <= nv; k += 4) direct_pv_pass<R, 4, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    for (; k + 4 <= nv; k += 4) direct_pv_pass_of<R, 4, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
   if constexpr (NVP > 2)
-    for (; k + 2 <= nv; k += 2) direct_pv_pass<R, 2, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
-  if (k < nv) direct_pv_pass<R, 1, SD, T>(o + k * L, d, alpha, p, kr, v_bytes, k * L, nb, next_k);
+    for (; k + 2 <= nv; k += 2) direct_pv_pass_of<R, 2, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
+  if (k < nv) direct_pv_pass_of<R, 1, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
 }
 
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K
@@ -704,17 +815,20 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* 
 /// rows x KB = L / R keys of dot products fill one transposed horizontal sum (or none), whose
 /// lanes (row r, key j at lane r * KB + j) the online softmax then works on as they are: all rows
 /// at once, row reductions within groups of KB lanes, no scalar steps.
-template <int R, int SD, kv_dtype Dtype>
+template <int R, int SD, kv_dtype Dtype, bool Bf16Dot = false>
 __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
   using T = typename storage<Dtype>::type;
+  // bf16 pair products (fpmath_mode::bf16, direct_bf16_dot): q and the probabilities are rounded
+  // to bf16, outputs accumulate in zip order.
+  constexpr bool dot = direct_bf16_dot<Bf16Dot, R, T>;
   constexpr int KT = direct_key_tile;
   constexpr int KB = L / R;              // keys per score vector
   constexpr int NVP = direct_pv_vectors<R>;
   // Split types (bf16 on x86) come two vectors at a time as even and odd elements for more than one
   // row (direct_pairs): q is kept in that order where the dot products take pairs (up to 8 rows),
   // outputs where P·V passes do.
-  constexpr bool q_paired = direct_pairs<R, T> && R <= 8;  // as direct_qk takes K
-  constexpr bool o_paired = direct_pairs<R, T> && NVP >= 2;
+  constexpr bool q_paired = direct_pairs<R, T> && R <= 8 && !dot;  // as direct_qk takes K
+  constexpr bool o_paired = direct_pairs<R, T> && NVP >= 2 && !dot;
   constexpr bool lanes_qk = direct_lanes_qk<R, T>;
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -723,6 +837,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* qs = scratch;     // R x d, or (lanes_qk) d x R, pre-scaled by scale * log2(e)
   float* o = qs + R * d;   // R x d
   float* kb = o + R * d;   // lanes_qk: 16 K rows, converted
+  Eigen::bfloat16* qb = reinterpret_cast<Eigen::bfloat16*>(kb);  // dot: R x d, q as qs holds it, rounded to bf16
+  alignas(64) Eigen::bfloat16 pb[dot ? R * KT : 1];  // dot: the current tile's probabilities, rounded
   alignas(64) float lanes[4][L];  // per lane: key within its group, visible keys, alpha, scratch
   float* key_of_lane = lanes[0];
   float* limit_of_lane = lanes[1];
@@ -731,6 +847,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     const float* src = t.q + (r / group) * t.q_stride + std::int64_t{r % group} * d;
     if constexpr (lanes_qk) {
       for (int c = 0; c < d; ++c) qs[c * R + r] = src[c] * (t.scale * log2e);
+    } else if constexpr (dot) {
+      for (int c = 0; c < d; ++c) qb[r * d + c] = Eigen::bfloat16(src[c] * (t.scale * log2e));
     } else {
       scale_row<q_paired>(src, t.scale * log2e, d, qs + r * d);
     }
@@ -801,7 +919,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     fill(ring[0], 0);
     fill(ring[1], 1);
     set_rows_ahead(0);
-    direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead_of[0], tile_keys(0), kb, scores[0]);
+    if constexpr (dot) {
+      direct_scores_bf16<R, SD>(qb, d, ring[0], rows_ahead_of[0], tile_keys(0), scores[0]);
+    } else {
+      direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead_of[0], tile_keys(0), kb, scores[0]);
+    }
   }
   for (std::int64_t i = 0; i < n_tiles; ++i) {
     const std::int64_t k0 = t.key_begin + i * KT;
@@ -831,7 +953,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     const vec a = exp2v(V::sub(m, m_safe));
     vec sum = V::zero();
     for (int b = 0; b < nb; ++b) {
-      const vec e = exp2v(V::sub(V::load(p + b * L), m_safe));
+      vec e = exp2v(V::sub(V::load(p + b * L), m_safe));
+      if constexpr (dot) e = bf16_probabilities(e, pb + b * L);
       V::store(p + b * L, e);
       sum = V::add(sum, e);
     }
@@ -841,15 +964,23 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     if (i + 1 < n_tiles) {
       fill(ring[(i + 2) % 3], i + 2);
       set_rows_ahead(i + 1);
-      direct_scores<R, SD, T>(qs, d, ring[(i + 1) % 3], rows_ahead_of[(i + 1) & 1], tile_keys(i + 1), kb, scores[(i + 1) & 1]);
+      if constexpr (dot) {
+        direct_scores_bf16<R, SD>(qb, d, ring[(i + 1) % 3], rows_ahead_of[(i + 1) & 1], tile_keys(i + 1), scores[(i + 1) & 1]);
+      } else {
+        direct_scores<R, SD, T>(qs, d, ring[(i + 1) % 3], rows_ahead_of[(i + 1) & 1], tile_keys(i + 1), kb, scores[(i + 1) & 1]);
+      }
     }
-    direct_pv<R, SD, T>(o, d, alpha, p, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
+    direct_pv<R, SD, T, dot>(o, d, alpha, p, pb, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
   }
   float mrow[R], lrow[R];
   V::store(lanes[3], m);
   for (int r = 0; r < R; ++r) mrow[r] = lanes[3][r * KB];
   V::store(lanes[3], l);
   for (int r = 0; r < R; ++r) lrow[r] = lanes[3][r * KB];
+  if constexpr (dot) {  // back to dim order, through the q buffer (not used by pair products)
+    unzip_rows(o, R, d, qs);
+    o = qs;
+  }
   if constexpr (o_paired) {  // back to dim order, through the q buffer (no longer needed)
     for (int r = 0; r < R; ++r) unpair_row(o + r * d, d, qs + r * d);
     o = qs;
@@ -858,20 +989,24 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
 }
 
 /// Tile kernel with the storage type known at compile time: few rows take the direct kernel,
-/// everything else the buffered attend_tile.
-template <int StaticGroup, int StaticDim, kv_dtype Dtype>
+/// everything else the buffered attend_tile. Bf16Dot (fpmath_mode::bf16): the direct kernel may take
+/// bf16 pair products (direct_bf16_dot) where the head dim is a multiple of 2L.
+template <int StaticGroup, int StaticDim, kv_dtype Dtype, bool Bf16Dot = false>
 KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   const int group = StaticGroup != dynamic ? StaticGroup : t.group;
   const int d = StaticDim != dynamic ? StaticDim : t.slot->head_dim;
   const int rows = t.n_tokens * group;
   if (d % L == 0) {  // rows = tokens x group: only groups that divide a row count are instantiated
     constexpr int SD = StaticDim != dynamic && StaticDim % L == 0 ? StaticDim : dynamic;
+    // Pair products need whole 2L-dim steps; a static dim that has none never instantiates them.
+    constexpr bool dot_dims = Bf16Dot && (SD == dynamic || SD % (2 * L) == 0);
+    const bool dot = dot_dims && d % (2 * L) == 0;
     if constexpr (StaticGroup == dynamic || StaticGroup == 1)
       if (rows == 1) return attend_rows_direct<1, SD, Dtype>(t, scratch, d);
     if constexpr (StaticGroup == dynamic || StaticGroup <= 2)
-      if (rows == 2) return attend_rows_direct<2, SD, Dtype>(t, scratch, d);
+      if (rows == 2) return dot ? attend_rows_direct<2, SD, Dtype, dot_dims>(t, scratch, d) : attend_rows_direct<2, SD, Dtype>(t, scratch, d);
     if constexpr (StaticGroup == dynamic || StaticGroup <= 4)
-      if (rows == 4) return attend_rows_direct<4, SD, Dtype>(t, scratch, d);
+      if (rows == 4) return dot ? attend_rows_direct<4, SD, Dtype, dot_dims>(t, scratch, d) : attend_rows_direct<4, SD, Dtype>(t, scratch, d);
     // 8 and 16 rows need 16 accumulators plus up to 16 query vectors and at least one key per score
     // vector: AVX-512 only (Zen 4, GQA d=128 T=32768 f16 decode, 2 threads: 64/8 heads 14.2 -> 7.3
     // ms, 128/8 heads 20.6 -> 13.0 ms against the buffered kernel). 16 rows in the buffered kernel's
@@ -880,7 +1015,7 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
     // f32 T=4096 296 -> 345 us): the direct kernel's prefetches matter more.
     if constexpr (L >= 16 && V::registers >= 32) {
       if constexpr (StaticGroup == dynamic || StaticGroup <= 8)
-        if (rows == 8) return attend_rows_direct<8, SD, Dtype>(t, scratch, d);
+        if (rows == 8) return dot ? attend_rows_direct<8, SD, Dtype, dot_dims>(t, scratch, d) : attend_rows_direct<8, SD, Dtype>(t, scratch, d);
       if constexpr (StaticGroup == dynamic || StaticGroup <= 16)
         if (rows == 16) return attend_rows_direct<16, SD, Dtype>(t, scratch, d);
     }

@@ -86,6 +86,7 @@ struct KernelTable {
 
 #if defined(KVATTN_ARCH_X86_64)
 template <int G, int D, kv_dtype T> struct Avx512Entry { static constexpr auto fn = &avx512::attend_tile_typed<G, D, T>; };
+template <int G, int D, kv_dtype T> struct Avx512Bf16DotEntry { static constexpr auto fn = &avx512::attend_tile_typed<G, D, T, true>; };
 template <int G, int D, kv_dtype T> struct Avx2Entry { static constexpr auto fn = &avx2::attend_tile_typed<G, D, T>; };
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
@@ -104,14 +105,19 @@ TileKernel simd_kernel(int group, int head_dim, LoadRows load_rows) {
 
 }  // namespace detail
 
-/// Picks the tile kernel for the active ISA path (active_isa()).
+/// Picks the tile kernel for an ISA path (by default the active one) and the arithmetic allowed
+/// (fpmath_mode: bf16 products only for bf16 storage on the AVX-512 path of a CPU with AVX512_BF16).
 template <int StaticGroup = dynamic, int StaticDim = dynamic>
-TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path = active_isa()) {
+TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path = active_isa(),
+                              [[maybe_unused]] fpmath_mode fpmath = fpmath_mode::strict) {  // (x86 only)
   return visit_dtype(dtype, [&](auto tag) -> TileKernel {
     constexpr kv_dtype T = decltype(tag)::value;
     switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
       case isa::avx512:
+        if constexpr (T == kv_dtype::bf16)
+          if (fpmath == fpmath_mode::bf16 && cpu_supports_bf16_dot())
+            return detail::simd_kernel<detail::Avx512Bf16DotEntry, T, StaticGroup, StaticDim>(group, head_dim, &avx512::load_rows<T>);
         return detail::simd_kernel<detail::Avx512Entry, T, StaticGroup, StaticDim>(group, head_dim, &avx512::load_rows<T>);
       case isa::avx2:
         return detail::simd_kernel<detail::Avx2Entry, T, StaticGroup, StaticDim>(group, head_dim, &avx2::load_rows<T>);

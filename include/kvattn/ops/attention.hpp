@@ -17,6 +17,7 @@ struct AttentionOptions {
   int threads = 0;               ///< 0: the global default (set_num_threads), else this many (>= 0)
   std::int64_t q_stride = 0;     ///< floats between query tokens; 0 means Hq x d (dense)
   std::int64_t out_stride = 0;   ///< floats between output tokens; 0 means Hq x d (dense)
+  fpmath_mode fpmath = fpmath_mode::strict;  ///< arithmetic allowed on stored K/V (see fpmath_mode)
 };
 
 namespace detail {
@@ -34,6 +35,8 @@ inline TokenStrides check_options(const AttentionOptions& opt, std::int64_t row,
   if (s.q < row || s.out < row)
     fail<shape_error>(what, ": token strides (q ", s.q, ", out ", s.out, ") must be >= Hq x d = ", row);
   if (!(opt.scale >= 0.f) || !std::isfinite(opt.scale)) fail<shape_error>(what, ": scale must be finite and >= 0, got ", opt.scale);
+  if (opt.fpmath != fpmath_mode::strict && opt.fpmath != fpmath_mode::bf16)
+    fail<config_error>(what, ": unknown fpmath_mode value ", static_cast<int>(opt.fpmath));
   return s;
 }
 
@@ -75,7 +78,7 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   pb.causal = causal;
   const kernels::AttentionPlan plan = kernels::plan_attention(pb);
   const kernels::TileKernel kernel = kernels::select_tile_kernel<Heads::static_group_size, Heads::static_head_dim>(
-      cache.config().dtype(), heads.group_size(), d);
+      cache.config().dtype(), heads.group_size(), d, active_isa(), opt.fpmath);
   kernels::run_attention(pb, plan, kernel, resolve_threads(opt.threads));
 }
 

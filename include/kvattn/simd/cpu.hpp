@@ -37,7 +37,7 @@ constexpr std::string_view isa_name(isa i) {
 namespace detail {
 /// x86 features from cpuid, with the OS's consent (xgetbv) to use the AVX and AVX-512 registers.
 struct X86Features {
-  bool avx2 = false, avx512 = false;
+  bool avx2 = false, avx512 = false, avx512_bf16 = false;
   X86Features() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return;
@@ -50,6 +50,7 @@ struct X86Features {
     avx2 = os_avx && fma && f16c && (b & (1u << 5));
     const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
     avx512 = avx2 && os_avx512 && f && dq && bw && vl;
+    if (avx512 && a >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d)) avx512_bf16 = a & (1u << 5);
   }
 };
 inline const X86Features& x86_features() {
@@ -72,6 +73,16 @@ inline bool cpu_supports(isa i) {
 #endif
     default: return false;
   }
+}
+
+/// Whether this CPU has the AVX-512 path's bf16 pair products (AVX512_BF16: vdpbf16ps), which
+/// fpmath_mode::bf16 uses.
+inline bool cpu_supports_bf16_dot() {
+#if defined(KVATTN_ARCH_X86_64)
+  return detail::x86_features().avx512_bf16;
+#else
+  return false;
+#endif
 }
 
 /// Every path this CPU can run, fastest last.

@@ -22,6 +22,18 @@
 //                              x86: a shift and a mask of one load instead of two widenings)
 //   deinterleave(src, e, o)    2 x lanes floats as their even and their odd elements
 //   interleave(e, o, dst)      the inverse: stores 2 x lanes floats, e's at even positions
+//   bf16_dot                   whether the bf16 pair products below exist (AVX-512 only; usable
+//                              only where cpu_supports_bf16_dot(): AVX512_BF16)
+//   pairs                      a vector of lanes pairs of bf16 values (one pair per f32 lane)
+//   load_pairs(src)            2 x lanes stored bf16 values
+//   broadcast_pair(src)        the two bf16 values at src in every lane
+//   zip_pairs(a, b, lo, hi)    the pairs (a_i, b_i) of two vectors of 2 x lanes values: lo and hi
+//                              hold dims 8t + u and 8t + 4 + u at lane 4t + u (u < 4), within
+//                              each 32-value vector
+//   dot_pairs(acc, a, b)       acc + a_even * b_even + a_odd * b_odd per lane (products exact,
+//                              sums in f32; bf16 denormals read as 0)
+//   round_bf16(x, dst)         x rounded to bf16 (nearest even), stored to dst (lanes values) and
+//                              returned widened back to f32
 #pragma once
 
 #include <Eigen/Core>
@@ -159,6 +171,28 @@ struct V {
       _mm512_mask_storeu_ps(d + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + i)));
     }
   }
+  static constexpr bool bf16_dot = true;
+  using pairs = __m512i;
+  KVATTN_V pairs load_pairs(const Eigen::bfloat16* p) { return _mm512_loadu_si512(p); }
+  KVATTN_V pairs broadcast_pair(const Eigen::bfloat16* p) {
+    std::int32_t w;
+    std::memcpy(&w, p, sizeof w);
+    return _mm512_set1_epi32(w);
+  }
+  KVATTN_V void zip_pairs(pairs a, pairs b, pairs& lo, pairs& hi) { lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b); }
+  // vdpbf16ps and vcvtneps2bf16 as inline assembly: their intrinsics require the avx512bf16 target
+  // in every function they are inlined into, which would split this path in two (AVX-512 CPUs
+  // without BF16 exist); the kernels that use them are only selected on CPUs that have it.
+  KVATTN_V vec dot_pairs(vec acc, pairs a, pairs b) {
+    __asm__("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+  }
+  KVATTN_V vec round_bf16(vec x, Eigen::bfloat16* dst) {
+    __m256i h;
+    __asm__("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"(x));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
   KVATTN_V void convert(const Eigen::bfloat16* s, float* d, int n) {
     int i = 0;
     for (; i + 16 <= n; i += 16)
@@ -178,6 +212,7 @@ namespace kvattn::simd::avx2 {
 struct V {
   using vec = __m256;
   static constexpr int lanes = 8;
+  static constexpr bool bf16_dot = false;
   static constexpr int registers = 16;
   static constexpr int pv_regs = 8;
   static constexpr int qkt_keys = 4;
@@ -280,6 +315,7 @@ namespace kvattn::simd::neon {
 struct V {
   using vec = float32x4_t;
   static constexpr int lanes = 4;
+  static constexpr bool bf16_dot = false;  // (BFDOT of Armv8.6 is not used yet)
   static constexpr int registers = 32;
   static constexpr int pv_regs = 16;
   static constexpr int qkt_keys = 8;
