@@ -14,13 +14,14 @@ namespace kvattn {
 enum class kv_dtype : std::uint8_t { f32, f16, bf16 };
 
 /// What arithmetic attention may use on stored K/V (as oneDNN's fpmath_mode: a permission, not a
-/// requirement). `strict`: f32 products and sums. `bf16`: with bf16 storage on CPUs with AVX512_BF16,
-/// the decode kernel for 2, 4 or 8 query rows per KV head (head dims a multiple of 32) may round the
-/// scaled queries and the softmax probabilities to bf16 and multiply them with K and V as bf16 pairs
-/// (vdpbf16ps: exact products, f32 sums), as GPU flash attention rounds P and ggml rounds Q to the
-/// cache's type; twice the multiply rate, but scores then carry q's bf16 rounding (relative 2^-9 of
-/// each q element) and each output is a mean of V rows weighted to within a factor 1 +- 2^-8.
-/// Every other case computes as `strict` does, bit for bit.
+/// requirement). `strict`: f32 products and sums. `bf16`: in calls with one query token per sequence
+/// (decode) with bf16 storage, GQA groups of 2, 4 or 8 and head dims a multiple of 32, on CPUs with
+/// AVX512_BF16, the kernel rounds the scaled queries and the softmax weights to bf16 (nearest even,
+/// relative error up to 2^-8) and multiplies them with K and V as bf16 pairs (vdpbf16ps: exact
+/// products, f32 sums), as GPU flash attention rounds P and ggml rounds Q to the cache's type: twice
+/// the multiply rate, but each logit moves by up to 2^-8 x scale x sum_c |q_c k_c|, and the output by
+/// up to 2^-8 / (1 - 2^-8) x max|v - c| (any c) from the mean those logits give. Every other case
+/// computes as `strict` does, bit for bit.
 enum class fpmath_mode : std::uint8_t { strict, bf16 };
 
 /// Bytes per stored element.

@@ -681,8 +681,9 @@ inline constexpr bool direct_bf16_dot = Bf16Dot && V::bf16_dot && std::is_same_v
 
 /// direct_scores with bf16 pair products (direct_bf16_dot): the R rows' queries qb (R x d bf16) and
 /// the K rows as stored, 32 dims a step, each K vector serving all rows; scores in the same layout,
-/// the rows ahead prefetched as direct_qk asks for them. d a multiple of 32. (W: the SIMD interface,
-/// a template parameter so that paths without pair products never look them up.)
+/// the rows ahead prefetched as direct_qk asks for them. d must be a multiple of 2L (attend_tile_typed
+/// takes pair products only then): a remainder would be dropped. (W: the SIMD interface, a template
+/// parameter so that paths without pair products never look them up.)
 template <int R, int SD, class W = V>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores_bf16(const Eigen::bfloat16* qb, int d_runtime, const Eigen::bfloat16* const* kr,
                                                            const Eigen::bfloat16* const* next_k, int n, float* s) {
@@ -784,19 +785,20 @@ inline constexpr int direct_pv_vectors = V::pv_regs / R;
 template <int R, int NV, int SD, class T, bool Dot>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_of(float* o, int d, const float* alpha, const float* p, const Eigen::bfloat16* pb,
                                                           const T* const* kr, std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
-  if constexpr (!Dot) {
-    direct_pv_pass<R, NV, SD, T>(o, d, alpha, p, kr, v_bytes, c0, nb, next_k);
-  } else if constexpr (NV % 2 == 0) {
+  if constexpr (Dot) {
     direct_pv_pass_bf16<R, NV, SD>(o, d, alpha, pb, kr, v_bytes, c0, nb, next_k);
+  } else {
+    direct_pv_pass<R, NV, SD, T>(o, d, alpha, p, kr, v_bytes, c0, nb, next_k);
   }
 }
 
 /// With Dot (direct_bf16_dot), the passes take bf16 pair products with the probabilities pb
-/// instead (d a multiple of 2L, so every pass has an even count).
+/// instead (d a multiple of 2L, and even pass sizes, so every pass has whole pairs).
 template <int R, int SD, class T, bool Dot = false>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* alpha, const float* p, const Eigen::bfloat16* pb,
                                                   const T* const* kr, std::ptrdiff_t v_bytes, int nb, const T* const* next_k) {
   constexpr int NVP = direct_pv_vectors<R>;
+  static_assert(!Dot || NVP % 2 == 0, "pair products take whole pairs of vectors (32 dims) per pass");
   const int nv = d / L;
   int k = 0;
   for (; k + NVP <= nv; k += NVP) direct_pv_pass_of<R, NVP, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
@@ -806,7 +808,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* 
     for (; k + 4 <= nv; k += 4) direct_pv_pass_of<R, 4, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
   if constexpr (NVP > 2)
     for (; k + 2 <= nv; k += 2) direct_pv_pass_of<R, 2, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
-  if (k < nv) direct_pv_pass_of<R, 1, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
+  if constexpr (!Dot)  // (with Dot, d is a multiple of 2L: no single vector is left)
+    if (k < nv) direct_pv_pass_of<R, 1, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
 }
 
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K

@@ -2,6 +2,7 @@
 // every argument is validated here, then kernels run on views without further checks.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <span>
 #include <vector>
@@ -77,8 +78,11 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   pb.scale = opt.scale == 0.f ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
   pb.causal = causal;
   const kernels::AttentionPlan plan = kernels::plan_attention(pb);
+  // bf16 products only in calls of one query token per sequence (decode steps, one-token cross-
+  // attention), so that a call's rows never mix the two arithmetics (a chunk's tiles differ in rows).
+  const bool one_token = std::all_of(counts.begin(), counts.end(), [](std::int64_t n) { return n == 1; });
   const kernels::TileKernel kernel = kernels::select_tile_kernel<Heads::static_group_size, Heads::static_head_dim>(
-      cache.config().dtype(), heads.group_size(), d, active_isa(), opt.fpmath);
+      cache.config().dtype(), heads.group_size(), d, active_isa(), one_token ? opt.fpmath : fpmath_mode::strict);
   kernels::run_attention(pb, plan, kernel, resolve_threads(opt.threads));
 }
 

@@ -55,7 +55,7 @@ class AttentionLayer {
   /// x and y are [sum(counts)][d_model] (sequences in order). The cache must already hold the new
   /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
   /// (AttentionStack does it). Token i of a sequence of length L after extend gets position L - n + i.
-  /// Of the options, scale and threads apply; the token strides must be 0 (the layer's own
+  /// Of the options, scale, threads and fpmath apply; the token strides must be 0 (the layer's own
   /// queries and outputs are dense).
   template <KvLayoutPolicy L>
   void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
