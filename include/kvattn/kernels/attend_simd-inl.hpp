@@ -773,13 +773,6 @@ inline void unzip_rows(const float* src, int rows, int d, float* dst) {
 template <int R>
 inline constexpr int direct_pv_vectors = V::pv_regs / R;
 
-/// o = o * alpha + P·V for the R rows of a direct-kernel tile (nb score vectors of probabilities
-/// p, rows kr; next_k: the rows its prefetches ask for), in passes of NVP = direct_pv_vectors<R>,
-/// then of 8, 4 and 2 (even counts keep load_two's pairs whole), then one. One row on AVX-512 thus
-/// reads a d=128 V row in one pass, front to back, rather than in two column-wise half-row passes
-/// (AMD EPYC family 26, one row, 512 keys in L2, one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22
-/// us, f32 4.95 -> 4.81 us; MHA 32/32 d=128 T=4096 f16 decode, 2 threads, medians of 7 and of 9
-/// interleaved runs: 990 -> 935, 1014 -> 992 us).
 /// One P·V pass of NV vectors from dim c0 on: bf16 pair products with the probabilities pb if Dot,
 /// else f32 ones with p.
 template <int R, int NV, int SD, class T, bool Dot>
@@ -792,6 +785,13 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass_of(float* o, int d, const
   }
 }
 
+/// o = o * alpha + P·V for the R rows of a direct-kernel tile (nb score vectors of probabilities
+/// p, rows kr; next_k: the rows its prefetches ask for), in passes of NVP = direct_pv_vectors<R>,
+/// then of 8, 4 and 2 (even counts keep load_two's pairs whole), then one. One row on AVX-512 thus
+/// reads a d=128 V row in one pass, front to back, rather than in two column-wise half-row passes
+/// (AMD EPYC family 26, one row, 512 keys in L2, one thread: f16 3.44 -> 3.29 us, bf16 3.41 -> 3.22
+/// us, f32 4.95 -> 4.81 us; MHA 32/32 d=128 T=4096 f16 decode, 2 threads, medians of 7 and of 9
+/// interleaved runs: 990 -> 935, 1014 -> 992 us).
 /// With Dot (direct_bf16_dot), the passes take bf16 pair products with the probabilities pb
 /// instead (d a multiple of 2L, and even pass sizes, so every pass has whole pairs).
 template <int R, int SD, class T, bool Dot = false>
