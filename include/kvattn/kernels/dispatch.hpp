@@ -55,80 +55,113 @@ inline constexpr std::array<int, 5> specialized_head_dims{64, 80, 96, 128, 256};
 
 namespace detail {
 
+using TileFn = void (*)(const AttendTile&, float*);
+
 constexpr int index_of(const std::array<int, 5>& values, int v) {
   for (std::size_t i = 0; i < values.size(); ++i)
     if (values[i] == v) return static_cast<int>(i);
   return -1;
 }
 
-/// Table [group index 0..5 (5: dynamic)][head-dim index 0..5 (5: dynamic)] of one ISA's kernels
-/// for one storage type.
-template <template <int, int, kv_dtype> class Entry, kv_dtype Dtype>
-struct KernelTable {
-  using Fn = void (*)(const AttendTile&, float*);
-  static constexpr int n = 6;
-  template <std::size_t I>
-  static constexpr int value_at(const std::array<int, 5>& values) {
-    if constexpr (I < 5) return values[I]; else return dynamic;
-  }
-  template <std::size_t... I>
-  static constexpr std::array<Fn, n * n> build(std::index_sequence<I...>) {
-    return {Entry<value_at<I / n>(specialized_groups), value_at<I % n>(specialized_head_dims), Dtype>::fn...};
-  }
-  static constexpr std::array<Fn, n * n> table = build(std::make_index_sequence<n * n>{});
-  static Fn lookup(int group, int head_dim) {
-    int g = index_of(specialized_groups, group), d = index_of(specialized_head_dims, head_dim);
-    if (g < 0) g = n - 1;
-    if (d < 0) d = n - 1;
-    return table[static_cast<std::size_t>(g * n + d)];
-  }
-};
-
+/// A SIMD path's kernel for a compile-time shape (G, D: values or `dynamic`); nullptr on the
+/// scalar path, which select_tile_kernel handles itself.
+template <kv_dtype T, int G, int D>
+TileFn simd_path_kernel(isa path, [[maybe_unused]] bool bf16_dot) {
+  switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
-template <int G, int D, kv_dtype T> struct Avx512Entry { static constexpr auto fn = &avx512::attend_tile_typed<G, D, T>; };
-template <int G, int D, kv_dtype T> struct Avx512Bf16DotEntry { static constexpr auto fn = &avx512::attend_tile_typed<G, D, T, true>; };
-template <int G, int D, kv_dtype T> struct Avx2Entry { static constexpr auto fn = &avx2::attend_tile_typed<G, D, T>; };
+    case isa::avx512:
+      if constexpr (T == kv_dtype::bf16)
+        if (bf16_dot) return &avx512::attend_tile_typed<G, D, T, true>;
+      return &avx512::attend_tile_typed<G, D, T>;
+    case isa::avx2: return &avx2::attend_tile_typed<G, D, T>;
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
-template <int G, int D, kv_dtype T> struct NeonEntry { static constexpr auto fn = &neon::attend_tile_typed<G, D, T>; };
+    case isa::neon: return &neon::attend_tile_typed<G, D, T>;
 #endif
+    default: return nullptr;
+  }
+}
 
-/// The tile kernel for a path, a storage type and a shape. StaticGroup/StaticDim (from a static
-/// HeadLayout) instantiate exactly that shape; otherwise the runtime shape picks a specialization.
-template <template <int, int, kv_dtype> class Entry, kv_dtype Dtype, int StaticGroup, int StaticDim, class LoadRows>
-TileKernel simd_kernel(int group, int head_dim, LoadRows load_rows) {
-  if constexpr (StaticGroup != dynamic && StaticDim != dynamic)
-    return {Entry<StaticGroup, StaticDim, Dtype>::fn, load_rows};
-  else
-    return {KernelTable<Entry, Dtype>::lookup(group, head_dim), load_rows};
+/// A SIMD path's row converter for storage type T; nullptr on the scalar path.
+template <kv_dtype T>
+TileLoader simd_path_loader(isa path) {
+  switch (path) {
+#if defined(KVATTN_ARCH_X86_64)
+    case isa::avx512: return &avx512::load_rows<T>;
+    case isa::avx2: return &avx2::load_rows<T>;
+#endif
+#if defined(KVATTN_ARCH_AARCH64)
+    case isa::neon: return &neon::load_rows<T>;
+#endif
+    default: return nullptr;
+  }
+}
+
+/// Slot I of the table (group index I / 6, head-dim index I % 6; index 5 is `dynamic`).
+template <kv_dtype T, std::size_t... I>
+TileFn table_slot_kernel(std::size_t slot, isa path, bool bf16_dot, std::index_sequence<I...>) {
+  constexpr auto value_at = [](const std::array<int, 5>& values, std::size_t i) { return i < 5 ? values[i] : dynamic; };
+  TileFn fn = nullptr;
+  ((slot == I ? void(fn = simd_path_kernel<T, value_at(specialized_groups, I / 6), value_at(specialized_head_dims, I % 6)>(path, bf16_dot))
+              : void()),
+   ...);
+  return fn;
 }
 
 }  // namespace detail
 
+#if defined(KVATTN_DEFINE_KERNELS) && !defined(KVATTN_SEPARATE_KERNELS)
+#define KVATTN_SEPARATE_KERNELS 1
+#endif
+#if defined(KVATTN_SEPARATE_KERNELS)
+inline constexpr bool separate_kernels = true;
+#else
+inline constexpr bool separate_kernels = false;
+#endif
+
+/// The SIMD kernel for a runtime shape, from the table of every specialized group and head dim
+/// (plus the generic kernel) of every path and storage type: about 250 kernels, the bulk of
+/// kvattn's compile time (~90-140 s per translation unit with GCC 12 -O3).
+/// Header-only (the default), each translation unit that runs attention compiles the table. With
+/// KVATTN_SEPARATE_KERNELS defined for the whole program, it is only declared here, and one
+/// translation unit compiles it: the one that defines KVATTN_DEFINE_KERNELS before including
+/// kvattn (src/kernels.cpp; CMake: link `kvattn::kernels` instead of `kvattn::kvattn`).
+#if defined(KVATTN_SEPARATE_KERNELS) && !defined(KVATTN_DEFINE_KERNELS)
+detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim);
+#else
+#if !defined(KVATTN_SEPARATE_KERNELS)
+inline
+#endif
+detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim) {
+  int g = detail::index_of(specialized_groups, group), d = detail::index_of(specialized_head_dims, head_dim);
+  if (g < 0) g = 5;
+  if (d < 0) d = 5;
+  return visit_dtype(dtype, [&](auto tag) {
+    return detail::table_slot_kernel<decltype(tag)::value>(static_cast<std::size_t>(g * 6 + d), path, bf16_dot,
+                                                           std::make_index_sequence<36>{});
+  });
+}
+#endif
+
 /// Picks the tile kernel for an ISA path (by default the active one) and the arithmetic allowed
 /// (fpmath_mode: bf16 products only for bf16 storage on the AVX-512 path of a CPU with AVX512_BF16).
+/// StaticGroup/StaticDim (from a static HeadLayout) compile just that shape here, unless the
+/// separately compiled table holds it; otherwise the runtime shape picks a table entry.
 template <int StaticGroup = dynamic, int StaticDim = dynamic>
 TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path = active_isa(),
-                              [[maybe_unused]] fpmath_mode fpmath = fpmath_mode::strict) {  // (x86 only)
+                              fpmath_mode fpmath = fpmath_mode::strict) {
+  const bool bf16_dot = dtype == kv_dtype::bf16 && path == isa::avx512 && fpmath == fpmath_mode::bf16 && cpu_supports_bf16_dot();
   return visit_dtype(dtype, [&](auto tag) -> TileKernel {
     constexpr kv_dtype T = decltype(tag)::value;
-    switch (path) {
-#if defined(KVATTN_ARCH_X86_64)
-      case isa::avx512:
-        if constexpr (T == kv_dtype::bf16)
-          if (fpmath == fpmath_mode::bf16 && cpu_supports_bf16_dot())
-            return detail::simd_kernel<detail::Avx512Bf16DotEntry, T, StaticGroup, StaticDim>(group, head_dim, &avx512::load_rows<T>);
-        return detail::simd_kernel<detail::Avx512Entry, T, StaticGroup, StaticDim>(group, head_dim, &avx512::load_rows<T>);
-      case isa::avx2:
-        return detail::simd_kernel<detail::Avx2Entry, T, StaticGroup, StaticDim>(group, head_dim, &avx2::load_rows<T>);
-#endif
-#if defined(KVATTN_ARCH_AARCH64)
-      case isa::neon:
-        return detail::simd_kernel<detail::NeonEntry, T, StaticGroup, StaticDim>(group, head_dim, &neon::load_rows<T>);
-#endif
-      default:
-        return {&attend_tile_portable<T, StaticGroup, StaticDim>, nullptr};
-    }
+    const TileLoader load = detail::simd_path_loader<T>(path);
+    if (!load) return {&attend_tile_portable<T, StaticGroup, StaticDim>, nullptr};
+    constexpr bool in_table = detail::index_of(specialized_groups, StaticGroup) >= 0 &&
+                              detail::index_of(specialized_head_dims, StaticDim) >= 0;
+    constexpr bool compile_here = StaticGroup != dynamic && StaticDim != dynamic && !(separate_kernels && in_table);
+    if constexpr (compile_here)
+      return {detail::simd_path_kernel<T, StaticGroup, StaticDim>(path, bf16_dot), load};
+    else
+      return {simd_table_kernel(path, T, bf16_dot, group, head_dim), load};
   });
 }
 
