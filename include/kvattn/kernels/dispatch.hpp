@@ -108,6 +108,17 @@ TileFn table_slot_kernel(std::size_t slot, isa path, bool bf16_dot, std::index_s
   return fn;
 }
 
+/// The SIMD kernel for a runtime shape, from the table of every specialized group and head dim
+/// (plus the generic kernel) of a storage type's paths. A template, so that only translation units
+/// that select kernels compile it.
+template <kv_dtype T>
+TileFn table_kernel(isa path, bool bf16_dot, int group, int head_dim) {
+  int g = index_of(specialized_groups, group), d = index_of(specialized_head_dims, head_dim);
+  if (g < 0) g = 5;
+  if (d < 0) d = 5;
+  return table_slot_kernel<T>(static_cast<std::size_t>(g * 6 + d), path, bf16_dot, std::make_index_sequence<36>{});
+}
+
 }  // namespace detail
 
 #if defined(KVATTN_DEFINE_KERNELS) && !defined(KVATTN_SEPARATE_KERNELS)
@@ -119,28 +130,20 @@ inline constexpr bool separate_kernels = true;
 inline constexpr bool separate_kernels = false;
 #endif
 
-/// The SIMD kernel for a runtime shape, from the table of every specialized group and head dim
-/// (plus the generic kernel) of every path and storage type: about 250 kernels, the bulk of
-/// kvattn's compile time (~90-140 s per translation unit with GCC 12 -O3).
-/// Header-only (the default), each translation unit that runs attention compiles the table. With
-/// KVATTN_SEPARATE_KERNELS defined for the whole program, it is only declared here, and one
-/// translation unit compiles it: the one that defines KVATTN_DEFINE_KERNELS before including
-/// kvattn (src/kernels.cpp; CMake: link `kvattn::kernels` instead of `kvattn::kvattn`).
-#if defined(KVATTN_SEPARATE_KERNELS) && !defined(KVATTN_DEFINE_KERNELS)
-detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim);
-#else
-#if !defined(KVATTN_SEPARATE_KERNELS)
-inline
-#endif
+/// The kernel table of every path and storage type (about 250 kernels) is the bulk of kvattn's
+/// compile time: ~90-140 s per translation unit that runs attention, with GCC 12 -O3. Header-only
+/// (the default), each such translation unit compiles it (detail::table_kernel). With
+/// KVATTN_SEPARATE_KERNELS defined for the whole program, kernels come from this function, only
+/// declared here (and not called otherwise), and
+/// one translation unit compiles the table: the one that defines KVATTN_DEFINE_KERNELS before it
+/// includes any kvattn header (src/kernels.cpp; CMake: link `kvattn::kernels`).
+#if defined(KVATTN_DEFINE_KERNELS)
+#define KVATTN_KERNELS_DEFINED 1  // src/kernels.cpp checks that the definition below was compiled
 detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim) {
-  int g = detail::index_of(specialized_groups, group), d = detail::index_of(specialized_head_dims, head_dim);
-  if (g < 0) g = 5;
-  if (d < 0) d = 5;
-  return visit_dtype(dtype, [&](auto tag) {
-    return detail::table_slot_kernel<decltype(tag)::value>(static_cast<std::size_t>(g * 6 + d), path, bf16_dot,
-                                                           std::make_index_sequence<36>{});
-  });
+  return visit_dtype(dtype, [&](auto tag) { return detail::table_kernel<decltype(tag)::value>(path, bf16_dot, group, head_dim); });
 }
+#else
+detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim);
 #endif
 
 /// Picks the tile kernel for an ISA path (by default the active one) and the arithmetic allowed
@@ -160,8 +163,10 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
     constexpr bool compile_here = StaticGroup != dynamic && StaticDim != dynamic && !(separate_kernels && in_table);
     if constexpr (compile_here)
       return {detail::simd_path_kernel<T, StaticGroup, StaticDim>(path, bf16_dot), load};
-    else
+    else if constexpr (separate_kernels)
       return {simd_table_kernel(path, T, bf16_dot, group, head_dim), load};
+    else
+      return {detail::table_kernel<T>(path, bf16_dot, group, head_dim), load};
   });
 }
 
