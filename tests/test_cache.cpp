@@ -285,6 +285,58 @@ TEST(KvCache, BatchExtendOfForksCopiesSharedBlocksOnce) {
   EXPECT_EQ(cache.free_blocks(), 2);
 }
 
+TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
+  // A batch of forks (1 and 2 share a partial block, 3 too; 4 is empty) on a paged pool that has
+  // free blocks, and on a contiguous cache whose blocks go back to the resource: a guard destroyed
+  // without commit() gives back the copies of shared blocks, the new blocks (to the free list or the
+  // resource they came from), the lengths and the contents; a committed one keeps what extend does.
+  auto run = [](auto layout) {
+    std::mt19937_64 rng(10);
+    CountingResource res, res_plain;
+    using Cache = KvCache<decltype(layout)>;
+    Cache cache(small_config(kv_dtype::bf16), layout, &res), plain(small_config(kv_dtype::bf16), layout, &res_plain);
+    for (Cache* c : {&cache, &plain}) {
+      std::mt19937_64 same(11);
+      c->add_sequence(9);
+      append_random(*c, 9, 12, same);
+      c->remove_sequence(9);  // the paged pool keeps its blocks free
+      c->add_sequence(1);
+      append_random(*c, 1, 5, same);
+      c->fork_sequence(1, 2);
+      c->fork_sequence(1, 3);
+      c->add_sequence(4);
+    }
+    const std::vector<seq_id> all{1, 2, 3, 4}, batch{2, 1, 4};
+    const std::vector<std::int64_t> counts{3, 1, 6};
+    const auto before = snapshot(cache, all);
+    const std::int64_t bytes_before = res.bytes;
+    {
+      auto grown = cache.extend_guarded(batch, counts);
+      EXPECT_EQ(cache.length(2), 8);
+      EXPECT_EQ(cache.length(4), 6);
+      EXPECT_GT(cache.blocks_in_use(), before.in_use);
+      const std::vector<float> kv = kvattn::testing::random_floats(rng, 6 * 2 * 16);  // the new positions' rows
+      cache.write(2, 0, 5, 3, kv.data(), kv.data());
+      cache.write(1, 2, 5, 1, kv.data(), kv.data());
+      cache.write(4, 0, 0, 6, kv.data(), kv.data());
+    }
+    EXPECT_EQ(snapshot(cache, all), before);
+    EXPECT_EQ(res.bytes, bytes_before);
+    {
+      auto grown = cache.extend_guarded(batch, counts);
+      grown.commit();
+    }
+    plain.extend(batch, counts);
+    const auto kept = snapshot(cache, all);
+    EXPECT_EQ(kept.lengths, snapshot(plain, all).lengths);
+    EXPECT_EQ(kept.in_use, plain.blocks_in_use());
+    EXPECT_EQ(kept.free, plain.free_blocks());
+    EXPECT_EQ(res.bytes, res_plain.bytes);
+  };
+  run(PagedLayout{4, 32});
+  run(ContiguousLayout{.max_tokens = 16, .max_sequences = 8});
+}
+
 TEST(KvCache, ConsumerLayersWriteNothing) {
   KvCache<PagedLayout> cache(small_config());
   cache.add_sequence(1);

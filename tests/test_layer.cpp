@@ -2,13 +2,36 @@
 // both RoPE conventions, decode continuing prefill positions, and CLA consumers writing nothing.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include "reference.hpp"
 
 using namespace kvattn;
 using kvattn::testing::random_floats;
+
+// Fault injection for AttentionStack.FailedForwardLeavesTheCacheAsItWas: when set to n >= 0, the
+// allocations through operator new after the next n throw std::bad_alloc, once (-1: none fail).
+std::atomic<long> allocations_until_failure{-1};
+
+void* operator new(std::size_t n) {
+  if (allocations_until_failure.load(std::memory_order_relaxed) >= 0 && allocations_until_failure.fetch_sub(1) == 0)
+    throw std::bad_alloc();
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+#if !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // GCC 12 takes free() here for a mismatch
+#endif
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#if !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 namespace {
 
@@ -197,6 +220,53 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   const auto snap = kvattn::testing::snapshot(c3, ids);
   l1.forward(c3, ids, std::vector<std::int64_t>{10}, h1.data(), d1.data());
   EXPECT_EQ(kvattn::testing::snapshot(c3, ids), snap);  // the consumer wrote nothing
+}
+
+// Every allocation of a stack forward fails in turn, while the sequence shares its last, partly
+// filled block with a fork: the extend copies that block and takes a new one, and a failure in the
+// layers after it must give both back (blocks, bytes, the fork's sharing), not only the lengths.
+TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
+  std::mt19937_64 rng(9);
+  const HeadShape h(4, 2, 16);
+  const int d_model = 32;
+  const ModelConfig cfg(h, LayerSharingMap::cla(4, 2), kv_dtype::f16);
+  std::vector<Weights> w;
+  std::vector<LayerWeights> views;
+  for (int l = 0; l < 4; ++l) w.emplace_back(rng, d_model, h);
+  for (const Weights& wl : w) views.push_back(wl.view());
+  const std::vector<float> prompt = random_floats(rng, 6 * d_model, -1.f, 1.f), x = random_floats(rng, 3 * d_model, -1.f, 1.f);
+  const std::vector<seq_id> one{1}, both{1, 2};
+  const std::vector<std::int64_t> six{6}, three{3};
+  auto prepare = [&](AttentionStack& stack, KvCache<PagedLayout>& cache) {
+    cache.add_sequence(1);
+    std::vector<float> y(prompt.size());
+    stack.forward(cache, one, six, prompt.data(), y.data());  // blocks 0 and 1 (2 of its 4 tokens)
+    cache.fork_sequence(1, 2);
+  };
+  AttentionStack stack(cfg, d_model, views), reference_stack(cfg, d_model, views);
+  KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16}), reference(cfg, PagedLayout{4, 16});
+  prepare(stack, cache);
+  prepare(reference_stack, reference);
+  std::vector<float> y(x.size()), want(x.size());
+  reference_stack.forward(reference, one, three, x.data(), want.data());
+
+  const auto before = kvattn::testing::snapshot(cache, both);
+  int failures = 0;
+  for (long n = 0;; ++n) {
+    allocations_until_failure = n;
+    try {
+      stack.forward(cache, one, three, x.data(), y.data());
+      allocations_until_failure = -1;
+      break;
+    } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the extend itself
+      allocations_until_failure = -1;
+    }
+    ++failures;
+    ASSERT_EQ(kvattn::testing::snapshot(cache, both), before) << "allocation " << n << " failed";
+  }
+  EXPECT_GE(failures, 3);
+  EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
+  EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
 }
 
 TEST(AttentionStack, FailedForwardRestoresLengths) {

@@ -121,8 +121,16 @@ class KvCache {
   /// rows are unspecified until written.
   void extend(seq_id id, std::int64_t n) { extend(std::span<const seq_id>(&id, 1), std::span<const std::int64_t>(&n, 1)); }
 
-  /// Grows every ids[i] by counts[i] tokens: all or nothing.
-  void extend(std::span<const seq_id> ids, std::span<const std::int64_t> counts) {
+  /// Grows every ids[i] by counts[i] tokens: all or nothing. (extend_guarded, at the end of the
+  /// class: an extend that can be taken back exactly.)
+  void extend(std::span<const seq_id> ids, std::span<const std::int64_t> counts) { extend_impl(ids, counts, nullptr); }
+
+ private:
+  struct ExtendRecord;
+
+  /// extend(), also recording what it did in *record if record is not null (reserved before the
+  /// commit, which does not allocate).
+  void extend_impl(std::span<const seq_id> ids, std::span<const std::int64_t> counts, ExtendRecord* record) {
     if (ids.size() != counts.size())
       detail::fail<shape_error>("extend: ", ids.size(), " sequence ids but ", counts.size(), " token counts");
     struct Plan {
@@ -164,11 +172,15 @@ class KvCache {
       needed += p.new_blocks;
       plans.push_back(p);
     }
-    const Acquired acquired = acquire_blocks(
+    Acquired acquired = acquire_blocks(
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
     const std::vector<std::byte*>& fresh = acquired.blocks;
     try {
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
+      if (record) {
+        record->grown.reserve(plans.size());
+        record->copied.reserve(static_cast<std::size_t>(needed));
+      }
     } catch (...) {
       undo_acquire(acquired);
       rethrow_out_of_memory(needed, "a sequence's block table");
@@ -178,13 +190,19 @@ class KvCache {
     for (const Plan& p : plans) {
       for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
         std::byte*& slot = p.seq->blocks[static_cast<std::size_t>(b)];
-        if (is_shared(slot)) unshare(slot, fresh[next++]);
+        if (!is_shared(slot)) continue;
+        if (record) record->copied.push_back({p.seq, static_cast<std::size_t>(b), slot});
+        unshare(slot, fresh[next++]);
       }
+      if (record) record->grown.push_back({p.seq, p.seq->length, p.seq->blocks.size()});
       for (std::int64_t b = 0; b < p.new_blocks; ++b) p.seq->blocks.push_back(fresh[next++]);
       live_tokens_ += p.new_length - p.seq->length;
       p.seq->length = p.new_length;
     }
+    if (record) record->acquired = std::move(acquired);
   }
+
+ public:
 
   /// Writes K/V rows for tokens [pos, pos + n) of a producer layer, converting f32 to the storage
   /// type (round to nearest even). k and v are [n][Hkv][d] with `token_stride` floats between tokens
@@ -443,6 +461,38 @@ class KvCache {
       resource_->deallocate(block, static_cast<std::size_t>(block_bytes_), block_alignment);
   }
 
+  /// What undo_extend needs: the sequences' lengths and block counts before, the shared blocks
+  /// that were copied (with their originals), and the blocks taken.
+  struct ExtendRecord {
+    struct Grown {
+      Sequence* seq;
+      std::int64_t old_length;
+      std::size_t old_blocks;
+    };
+    struct Copied {
+      Sequence* seq;
+      std::size_t index;
+      std::byte* original;
+    };
+    std::vector<Grown> grown;
+    std::vector<Copied> copied;
+    Acquired acquired;
+  };
+
+  /// Takes back a recorded extend exactly. Never throws.
+  void undo_extend(ExtendRecord& r) noexcept {
+    for (auto c = r.copied.rbegin(); c != r.copied.rend(); ++c) {
+      ++refcount_.find(c->original)->second;
+      c->seq->blocks[c->index] = c->original;
+    }
+    for (const typename ExtendRecord::Grown& g : r.grown) {
+      live_tokens_ -= g.seq->length - g.old_length;
+      g.seq->length = g.old_length;
+      g.seq->blocks.erase(g.seq->blocks.begin() + static_cast<std::ptrdiff_t>(g.old_blocks), g.seq->blocks.end());
+    }
+    undo_acquire(r.acquired);  // the copies and the new blocks, in reverse
+  }
+
   ModelConfig config_;
   Layout layout_;
   std::pmr::memory_resource* resource_;
@@ -451,6 +501,37 @@ class KvCache {
   std::unordered_map<std::byte*, std::int32_t> refcount_;
   std::vector<std::byte*> free_;
   std::int64_t live_tokens_ = 0;
+
+ public:
+  /// The undo of an extend_guarded(): unless commit() is called, its destructor returns the
+  /// sequences to their lengths and blocks, the blocks copied from forks to their sharing, and the
+  /// blocks taken to the free list or the memory resource they came from, in order, as if extend
+  /// had not been called. While it is live, the cache may be read, and written at the new positions;
+  /// anything else that changes sequences or blocks is not allowed.
+  class ExtendGuard {
+   public:
+    ExtendGuard(const ExtendGuard&) = delete;
+    ExtendGuard& operator=(const ExtendGuard&) = delete;
+    ~ExtendGuard() {
+      if (cache_) cache_->undo_extend(record_);
+    }
+    /// Keeps the extend.
+    void commit() noexcept { cache_ = nullptr; }
+
+   private:
+    friend class KvCache;
+    ExtendGuard(KvCache* cache, ExtendRecord&& record) noexcept : cache_(cache), record_(std::move(record)) {}
+    KvCache* cache_;
+    ExtendRecord record_;
+  };
+
+  /// extend(ids, counts), which the returned guard takes back exactly unless committed: for callers
+  /// whose work after the extend may fail (AttentionStack::forward).
+  [[nodiscard]] ExtendGuard extend_guarded(std::span<const seq_id> ids, std::span<const std::int64_t> counts) {
+    ExtendRecord record;
+    extend_impl(ids, counts, &record);
+    return ExtendGuard(this, std::move(record));
+  }
 };
 
 }  // namespace kvattn

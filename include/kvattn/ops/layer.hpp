@@ -130,7 +130,7 @@ class AttentionStack {
 
   /// Runs counts[b] new tokens of every sequence through all layers: extends the cache, then each
   /// layer in order. x and y are [sum(counts)][d_model]; y may alias x. On an exception the cache
-  /// is returned to its previous lengths.
+  /// is as it was before the call (KvCache::extend_guarded): lengths, blocks, bytes.
   template <KvLayoutPolicy L>
   void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
                float* y, const AttentionOptions& opt = {}) {
@@ -138,22 +138,16 @@ class AttentionStack {
     for (std::int64_t c : counts) tokens = checked_add(tokens, std::max<std::int64_t>(c, 0), "tokens");
     if (tokens > 0 && (x == nullptr || y == nullptr)) detail::fail<shape_error>("stack forward: null x or y");
     layers_.front().check_options(opt, "stack forward");
-    std::vector<std::int64_t> old_lengths;
-    for (seq_id s : seqs) old_lengths.push_back(cache.length(s));
-    cache.extend(seqs, counts);
-    try {
-      const std::int64_t dm = layers_.front().d_model();
-      h_ = Eigen::Map<const RowMatrix>(x, tokens, dm);
-      delta_.resize(tokens, dm);
-      for (AttentionLayer& layer : layers_) {
-        layer.forward(cache, seqs, counts, h_.data(), delta_.data(), opt);
-        h_ += delta_;
-      }
-      Eigen::Map<RowMatrix>(y, tokens, dm) = h_;
-    } catch (...) {
-      for (std::size_t b = 0; b < seqs.size(); ++b) cache.truncate(seqs[b], old_lengths[b]);
-      throw;
+    auto extended = cache.extend_guarded(seqs, counts);  // taken back if anything below throws
+    const std::int64_t dm = layers_.front().d_model();
+    h_ = Eigen::Map<const RowMatrix>(x, tokens, dm);
+    delta_.resize(tokens, dm);
+    for (AttentionLayer& layer : layers_) {
+      layer.forward(cache, seqs, counts, h_.data(), delta_.data(), opt);
+      h_ += delta_;
     }
+    Eigen::Map<RowMatrix>(y, tokens, dm) = h_;
+    extended.commit();
   }
 
  private:
