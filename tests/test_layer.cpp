@@ -29,6 +29,10 @@ void* operator new(std::size_t n) {
 #endif
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+// The nothrow pair too (std::stable_sort's buffer), so no block crosses between this file's
+// functions and the defaults (ASan reports the mismatch).
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return std::malloc(n == 0 ? 1 : n); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 #if !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
