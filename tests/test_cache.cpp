@@ -168,7 +168,7 @@ TEST(HugePageResource, MapsLargeBlocksOnWholeHugePagesAndSendsSmallOnesUpstream)
   EXPECT_TRUE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes, 64));
   void* p = res.allocate(HugePageResource::huge_page_bytes + 1, 64);  // rounded up to two huge pages
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % HugePageResource::huge_page_bytes, 0u);
-  std::memset(p, 1, 2 * HugePageResource::huge_page_bytes);  // both pages are usable
+  std::memset(p, 1, HugePageResource::huge_page_bytes + 1);  // the bytes asked for, on both pages
   res.deallocate(p, HugePageResource::huge_page_bytes + 1, 64);
 #endif
   EXPECT_FALSE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes - 1, 64));
@@ -305,9 +305,13 @@ TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
       c->fork_sequence(1, 2);
       c->fork_sequence(1, 3);
       c->add_sequence(4);
+      c->add_sequence(5);
+      append_random(*c, 5, 2, same);
+      c->fork_sequence(5, 6);  // 5 and 6 share a block only with each other
     }
-    const std::vector<seq_id> all{1, 2, 3, 4}, batch{2, 1, 4};
-    const std::vector<std::int64_t> counts{3, 1, 6};
+    // 2 and 1 copy the block they share with 3 (listed, growing by 0); 5 copies, 6 writes in place.
+    const std::vector<seq_id> all{1, 2, 3, 4, 5, 6}, batch{2, 1, 4, 3, 5, 6};
+    const std::vector<std::int64_t> counts{3, 1, 6, 0, 1, 1};
     const auto before = snapshot(cache, all);
     const std::int64_t bytes_before = res.bytes;
     {

@@ -145,7 +145,7 @@ class KvCache {
     // References that earlier sequences of this batch will drop by copying a shared block: a block
     // shared only by sequences of the batch is copied by all but the last of them.
     std::unordered_map<std::byte*, std::int32_t> dropped;
-    std::int64_t needed = 0;
+    std::int64_t needed = 0, copies = 0;
     for (std::size_t i = 0; i < ids.size(); ++i) {
       Sequence& s = find(ids[i])->second;
       if (!seen.insert(ids[i]).second) detail::fail<shape_error>("extend: sequence ", ids[i], " listed twice");
@@ -165,13 +165,14 @@ class KvCache {
           std::byte* block = s.blocks[static_cast<std::size_t>(b)];
           if (refcount_.find(block)->second - dropped[block] > 1) {  // same test as the commit below
             ++dropped[block];
-            ++needed;
+            ++copies;
           }
         }
       }
       needed += p.new_blocks;
       plans.push_back(p);
     }
+    needed += copies;
     Acquired acquired = acquire_blocks(
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
     const std::vector<std::byte*>& fresh = acquired.blocks;
@@ -179,7 +180,7 @@ class KvCache {
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
       if (record) {
         record->grown.reserve(plans.size());
-        record->copied.reserve(static_cast<std::size_t>(needed));
+        record->copied.reserve(static_cast<std::size_t>(copies));
       }
     } catch (...) {
       undo_acquire(acquired);
