@@ -286,10 +286,11 @@ TEST(KvCache, BatchExtendOfForksCopiesSharedBlocksOnce) {
 }
 
 TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
-  // A batch of forks (1 and 2 share a partial block, 3 too; 4 is empty) on a paged pool that has
-  // free blocks, and on a contiguous cache whose blocks go back to the resource: a guard destroyed
-  // without commit() gives back the copies of shared blocks, the new blocks (to the free list or the
-  // resource they came from), the lengths and the contents; a committed one keeps what extend does.
+  // A batch of forks (1, 2 and 3 share a partial block, 5 and 6 another; 4 is empty) on a paged
+  // pool that has free blocks, and on a contiguous cache whose blocks go back to the resource: a
+  // guard destroyed without commit() gives back the copies of shared blocks, the new blocks (to the
+  // free list or the resource they came from), the lengths and the contents; a committed one keeps
+  // what extend does.
   auto run = [](auto layout) {
     std::mt19937_64 rng(10);
     CountingResource res, res_plain;

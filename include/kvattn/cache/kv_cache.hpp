@@ -204,7 +204,6 @@ class KvCache {
   }
 
  public:
-
   /// Writes K/V rows for tokens [pos, pos + n) of a producer layer, converting f32 to the storage
   /// type (round to nearest even). k and v are [n][Hkv][d] with `token_stride` floats between tokens
   /// (0 means Hkv x d). The positions must exist (extend first).

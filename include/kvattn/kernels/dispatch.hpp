@@ -55,7 +55,7 @@ inline constexpr std::array<int, 5> specialized_head_dims{64, 80, 96, 128, 256};
 
 namespace detail {
 
-using TileFn = void (*)(const AttendTile&, float*);
+using TileFn = decltype(TileKernel::run);
 
 constexpr int index_of(const std::array<int, 5>& values, int v) {
   for (std::size_t i = 0; i < values.size(); ++i)
@@ -134,9 +134,9 @@ inline constexpr bool separate_kernels = false;
 /// compile time: ~90-140 s per translation unit that runs attention, with GCC 12 -O3. Header-only
 /// (the default), each such translation unit compiles it (detail::table_kernel). With
 /// KVATTN_SEPARATE_KERNELS defined for the whole program, kernels come from this function, only
-/// declared here (and not called otherwise), and
-/// one translation unit compiles the table: the one that defines KVATTN_DEFINE_KERNELS before it
-/// includes any kvattn header (src/kernels.cpp; CMake: link `kvattn::kernels`).
+/// declared here (and not called otherwise), and one translation unit compiles the table: the one
+/// that defines KVATTN_DEFINE_KERNELS before it includes any kvattn header (src/kernels.cpp; CMake:
+/// link `kvattn::kernels`).
 #if defined(KVATTN_DEFINE_KERNELS)
 #define KVATTN_KERNELS_DEFINED 1  // src/kernels.cpp checks that the definition below was compiled
 detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim) {
