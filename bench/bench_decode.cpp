@@ -10,8 +10,9 @@
 // register-resident FMAs (fma_seconds), so all of them see the same moments of a noisy machine.
 // Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
 // median step / max(stream time, median FMA time), where the stream time is the smaller of the two
-// reads' medians, stream_GB_per_s (from it), stream_prefetch (1 when the prefetching read was the
-// faster), peak_gflops (FLOPs / median FMA time),
+// reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
+// machine), stream_GB_per_s (from the stream time), stream_prefetch (1 when the prefetching read was
+// the faster), peak_gflops (FLOPs / median FMA time),
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
@@ -280,6 +281,7 @@ void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes
   state.counters["median_us"] = p.step_s * 1e6;
   state.counters["GB_per_s"] = kv_bytes * 1e-9 / p.step_s;
   state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, p.fma_s);
+  state.counters["fma_over_stream"] = p.fma_s / p.stream_s;  // > 1: the FMA peak, not memory, is the floor
   state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
   state.counters["stream_prefetch"] = p.stream_prefetch ? 1 : 0;
   state.counters["peak_gflops"] = s.flops() * 1e-9 / p.fma_s;

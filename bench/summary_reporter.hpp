@@ -33,13 +33,24 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     std::size_t width = 4;
     for (const Run& r : rows_) width = std::max(width, r.benchmark_name().size());
-    // compute_ratio (the Overlap benchmarks) only where some row reports it.
-    const bool compute = std::any_of(rows_.begin(), rows_.end(), [](const Run& r) { return r.counters.count("compute_ratio") > 0; });
+    // Columns only some benchmarks report, shown when a row has them: compute_ratio (Overlap) and
+    // fma_over_stream (decode: FMA floor / stream floor, above 1 where the step is compute-bound).
+    struct Optional {
+      const char* counter;
+      const char* title;
+    };
+    std::vector<Optional> extra;
+    for (const Optional o : {Optional{"compute_ratio", "compute_ratio"}, Optional{"fma_over_stream", "fma/stream"}})
+      if (std::any_of(rows_.begin(), rows_.end(), [&](const Run& r) { return r.counters.count(o.counter) > 0; })) extra.push_back(o);
     std::string out = "\nSummary\n";
-    char header[112];
-    std::snprintf(header, sizeof header, "  %11s  %11s  %9s  %11s%s\n", "bytes/token", "time", "GB/s", "floor_ratio",
-                  compute ? "  compute_ratio" : "");
-    out += pad("name", width) + header + std::string(width + (compute ? 65 : 50), '-') + "\n";
+    char header[64];
+    std::snprintf(header, sizeof header, "  %11s  %11s  %9s  %11s", "bytes/token", "time", "GB/s", "floor_ratio");
+    std::string titles = header;
+    for (const Optional& o : extra) {
+      std::snprintf(header, sizeof header, "  %13s", o.title);
+      titles += header;
+    }
+    out += pad("name", width) + titles + "\n" + std::string(width + titles.size(), '-') + "\n";
     for (const Run& r : rows_) {
       out += pad(r.benchmark_name(), width);
       if (r.error_occurred) {
@@ -51,8 +62,9 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       const double seconds = median != r.counters.end() ? median->second.value * 1e-6
                                                         : r.GetAdjustedRealTime() / benchmark::GetTimeUnitMultiplier(r.time_unit);
       out += "  " + counter(r, "bytes_per_token", 11, 0) + "  " + format_time(seconds) + "  " +
-             counter(r, "GB_per_s", 9, 2) + "  " + counter(r, "floor_ratio", 11, 2) +
-             (compute ? "  " + counter(r, "compute_ratio", 13, 2) : std::string()) + "\n";
+             counter(r, "GB_per_s", 9, 2) + "  " + counter(r, "floor_ratio", 11, 2);
+      for (const Optional& o : extra) out += "  " + counter(r, o.counter, 13, 2);
+      out += "\n";
     }
     GetOutputStream() << out << std::flush;
   }
