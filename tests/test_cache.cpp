@@ -2,7 +2,9 @@
 // fork with copy-on-write, pluggable memory resources, and errors that leave the cache unchanged.
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <cstring>
+#include <memory>
 #include <memory_resource>
 
 #include "reference.hpp"
@@ -170,6 +172,8 @@ TEST(HugePageResource, MapsLargeBlocksOnWholeHugePagesAndSendsSmallOnesUpstream)
   EXPECT_EQ(reinterpret_cast<std::uintptr_t>(p) % HugePageResource::huge_page_bytes, 0u);
   std::memset(p, 1, HugePageResource::huge_page_bytes + 1);  // the bytes asked for, on both pages
   res.deallocate(p, HugePageResource::huge_page_bytes + 1, 64);
+  // A size whose rounding up to whole huge pages would wrap around is refused, not served small.
+  EXPECT_THROW((void)res.allocate(SIZE_MAX - 100, 64), std::bad_alloc);
 #endif
   EXPECT_FALSE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes - 1, 64));
 }
@@ -353,6 +357,47 @@ TEST(KvCache, ConsumerLayersWriteNothing) {
   EXPECT_NE(cache.slot_view(2).k_offset, cache.slot_view(0).k_offset);
 }
 
+TEST(KvCache, BatchWriteCopiesSharedBlocksForTheWholeBatchFirst) {
+  // Sequences 1 and 2 (6 tokens, 2 blocks of 4 each) are forked into 3 and 4. Writing the last two
+  // tokens of 1 and 2 in one batch needs two copies: with one free block it fails and nothing
+  // changes (two single writes would have written sequence 1); with two it equals those writes.
+  std::mt19937_64 rng(11);
+  const std::vector<seq_id> ids{1, 2}, all{1, 2, 3, 4};
+  const std::vector<std::int64_t> positions{4, 4}, counts{2, 2};
+  std::vector<float> k(4 * 2 * 16), v(k.size());
+  for (float& x : k) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+  for (float& x : v) x = std::uniform_real_distribution<float>(-1, 1)(rng);
+  auto forked = [&](std::int64_t pool) {
+    auto c = std::make_unique<KvCache<PagedLayout>>(small_config(kv_dtype::f32), PagedLayout{4, pool});
+    std::mt19937_64 fill(12);
+    for (seq_id id : ids) {
+      c->add_sequence(id);
+      append_random(*c, id, 6, fill);
+      c->fork_sequence(id, id + 2);
+    }
+    return c;
+  };
+  auto tight = forked(5);
+  const auto before = snapshot(*tight, all);
+  EXPECT_THROW(tight->write(ids, 0, positions, counts, k.data(), v.data()), pool_exhausted);
+  EXPECT_EQ(snapshot(*tight, all), before);
+
+  auto batch = forked(6), single = forked(6);
+  batch->write(ids, 0, positions, counts, k.data(), v.data());
+  single->write(1, 0, 4, 2, k.data(), v.data());
+  single->write(2, 0, 4, 2, k.data() + 2 * 32, v.data() + 2 * 32);
+  EXPECT_EQ(batch->blocks_in_use(), 6);
+  EXPECT_EQ(snapshot(*batch, all), snapshot(*single, all));
+
+  // A block shared only by sequences of the batch is copied for all but the last of them.
+  auto within = forked(5);
+  const std::vector<seq_id> source_and_fork{1, 3};
+  within->write(source_and_fork, 0, positions, counts, k.data(), v.data());
+  EXPECT_EQ(within->blocks_in_use(), 5);
+  const std::vector<seq_id> twice{1, 1};
+  EXPECT_THROW(within->write(twice, 0, positions, counts, k.data(), v.data()), shape_error);
+}
+
 // ---- errors: each names the bad value and leaves the cache exactly as it was -------------------
 
 namespace {
@@ -414,6 +459,13 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   expect_unchanged_after<pool_exhausted>(contiguous, ids, [&] { contiguous.add_sequence(2); }, "2");
   // A fork counts against max_sequences: it would need a block of its own at its first write.
   expect_unchanged_after<pool_exhausted>(contiguous, ids, [&] { contiguous.fork_sequence(1, 2); }, "fork of sequence 1");
+  // ... and so does a sequence added after a fork (the fork takes no block until it writes).
+  KvCache<ContiguousLayout> two(small_config(), ContiguousLayout{8, 2});
+  two.add_sequence(1);
+  append_random(two, 1, 3, rng);
+  two.fork_sequence(1, 2);
+  expect_unchanged_after<pool_exhausted>(two, ids, [&] { two.add_sequence(3); }, "sequence 3");
+  append_random(two, 2, 1, rng);  // the fork still gets its block
 
   // A write into a block shared with a fork copies it first; with no block left it fails cleanly.
   KvCache<PagedLayout> full(small_config(), PagedLayout{4, 1});
@@ -428,6 +480,21 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   unlimited_pool.add_sequence(1);
   const std::vector<seq_id> one{1};
   expect_unchanged_after<pool_exhausted>(unlimited_pool, one, [&] { unlimited_pool.extend(1, INT64_MAX - 3); }, "64-bit");
+  // Strides are checked in the caller's units (elements), and in bytes without wrapping.
+  const std::vector<std::uint16_t> stored(64);
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write_stored(1, 0, 0, 1, stored.data(), stored.data(), 20); },
+                                      "token stride 20 is less than Hkv x d = 32");
+  expect_unchanged_after<overflow_error>(
+      cache, ids, [&] { cache.write_stored(1, 0, 0, 1, stored.data(), stored.data(), std::int64_t{1} << 62); }, "token stride");
+  expect_unchanged_after<overflow_error>(cache, ids, [&] { cache.write(1, 0, INT64_MAX, 2, kv.data(), kv.data()); }, "64 bits");
+  // A batch's block count summed past 2^63.
+  KvCache<PagedLayout> token_blocks(small_config(), PagedLayout{1});
+  token_blocks.add_sequence(1);
+  token_blocks.add_sequence(2);
+  const std::vector<seq_id> pair{1, 2};
+  expect_unchanged_after<overflow_error>(
+      token_blocks, pair, [&] { token_blocks.extend(pair, std::vector<std::int64_t>{std::int64_t{1} << 62, std::int64_t{1} << 62}); },
+      "blocks to add");
 }
 
 TEST(KvCacheErrors, InvalidLayouts) {

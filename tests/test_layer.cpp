@@ -179,6 +179,30 @@ TEST(AttentionLayer, RejectsBadInputs) {
   EXPECT_EQ(std::memcmp(v_before.data(), v_after.data(), v_after.size() * sizeof(float)), 0);
 }
 
+TEST(AttentionLayer, FailedForwardOverForkedTokensLeavesTheCacheAsItWas) {
+  // Sequences 1 and 2 (6 tokens each, in blocks of 4) are forked into 3 and 4; a forward that treats
+  // the last 2 tokens of 1 and 2 as new writes into blocks shared with the forks: two copies, but
+  // the pool has one free block. Nothing may change, sequence 1's copy and K/V write included.
+  std::mt19937_64 rng(9);
+  const HeadShape h(2, 1, 16);
+  const ModelConfig cfg(h, LayerSharingMap::none(1), kv_dtype::f32);
+  const Weights w(rng, 8, h);
+  AttentionLayer layer(cfg, 0, 8, w.view());
+  KvCache<PagedLayout> cache(cfg, PagedLayout{4, 5});
+  for (seq_id id : {1, 2}) {
+    cache.add_sequence(id);
+    kvattn::testing::append_random(cache, id, 6, rng);
+    cache.fork_sequence(id, id + 2);
+  }
+  const std::vector<seq_id> ids{1, 2}, all{1, 2, 3, 4};
+  const std::vector<std::int64_t> counts{2, 2};
+  const std::vector<float> x = random_floats(rng, 4 * 8, -1.f, 1.f);
+  std::vector<float> y(x.size());
+  const auto before = kvattn::testing::snapshot(cache, all);
+  EXPECT_THROW(layer.forward(cache, ids, counts, x.data(), y.data()), pool_exhausted);
+  EXPECT_EQ(kvattn::testing::snapshot(cache, all), before);
+}
+
 TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   std::mt19937_64 rng(7);
   const int d_model = 32, n_layers = 4;

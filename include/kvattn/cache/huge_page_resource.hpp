@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdlib>
+#include <limits>
 #include <memory_resource>
 #include <new>
 
@@ -46,6 +47,7 @@ class HugePageResource final : public std::pmr::memory_resource {
   void* do_allocate(std::size_t bytes, std::size_t alignment) override {
 #if defined(__linux__)
     if (maps_huge(bytes, alignment)) {
+      if (bytes > std::numeric_limits<std::size_t>::max() - huge_page_bytes) throw std::bad_alloc();  // rounding up would wrap
       void* p = std::aligned_alloc(huge_page_bytes, rounded(bytes));
       if (p == nullptr) throw std::bad_alloc();
       madvise(p, rounded(bytes), MADV_HUGEPAGE);  // a hint: if refused, the pages stay 4 KiB

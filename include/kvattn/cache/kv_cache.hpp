@@ -68,6 +68,7 @@ class KvCache {
   /// Adds an empty sequence (reserving the layout's up-front blocks).
   void add_sequence(seq_id id) {
     if (seqs_.contains(id)) detail::fail<sequence_error>("sequence ", id, " already exists");
+    check_room_for_sequence(detail::message("sequence ", id));
     const std::int64_t n = layout_.blocks_on_add();
     Acquired acquired = acquire_blocks(n, detail::message("sequence ", id));
     try {
@@ -92,11 +93,7 @@ class KvCache {
   void fork_sequence(seq_id src, seq_id dst) {
     const Sequence& s = find(src)->second;
     if (seqs_.contains(dst)) detail::fail<sequence_error>("fork: sequence ", dst, " already exists");
-    const std::int64_t per_sequence = layout_.blocks_on_add();
-    if (per_sequence > 0 && layout_.max_blocks() != unlimited &&
-        static_cast<std::int64_t>(seqs_.size()) + 1 > layout_.max_blocks() / per_sequence)
-      detail::fail<pool_exhausted>("fork of sequence ", src, " into ", dst, ": ", seqs_.size(), " sequences of ",
-                                   per_sequence, " block(s) each already fill the pool of ", layout_.max_blocks());
+    check_room_for_sequence(detail::message("fork of sequence ", src, " into ", dst));
     Sequence copy = s;  // may throw: nothing changed yet
     seqs_.emplace(dst, std::move(copy));
     for (std::byte* b : s.blocks) ++refcount_.find(b)->second;
@@ -169,10 +166,10 @@ class KvCache {
           }
         }
       }
-      needed += p.new_blocks;
+      needed = checked_add(needed, p.new_blocks, "blocks to add");
       plans.push_back(p);
     }
-    needed += copies;
+    needed = checked_add(needed, copies, "blocks to add");
     Acquired acquired = acquire_blocks(
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
     const std::vector<std::byte*>& fresh = acquired.blocks;
@@ -209,8 +206,18 @@ class KvCache {
   /// (0 means Hkv x d). The positions must exist (extend first).
   void write(seq_id id, int layer, std::int64_t pos, std::int64_t n, const float* k, const float* v,
              std::int64_t token_stride = 0) {
+    write(std::span<const seq_id>(&id, 1), layer, std::span<const std::int64_t>(&pos, 1), std::span<const std::int64_t>(&n, 1), k, v,
+          token_stride);
+  }
+
+  /// write() for a batch, all or nothing: sequence ids[b] gets counts[b] tokens from positions[b] on,
+  /// its rows right after the previous sequence's in k and v ([sum of counts][Hkv][d], token_stride
+  /// floats apart). Every block shared with a fork is copied, for the whole batch, before any row
+  /// is written, so a failure (an exhausted pool) changes nothing.
+  void write(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions, std::span<const std::int64_t> counts,
+             const float* k, const float* v, std::int64_t token_stride = 0) {
     const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
-    write_rows(id, layer, pos, n, k, v, token_stride == 0 ? row : token_stride, row, "write",
+    write_rows(ids, layer, positions, counts, k, v, resolved_token_stride(token_stride, row, "write"), row, "write",
                [&](auto tag, std::byte* dst, const float* src) {
                  using S = storage<decltype(tag)::value>;
                  auto* d = reinterpret_cast<typename S::type*>(dst);
@@ -225,8 +232,10 @@ class KvCache {
                     std::int64_t token_stride = 0) {
     const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
     const std::int64_t elem = dtype_bytes(config_.dtype());
-    write_rows(id, layer, pos, n, static_cast<const std::byte*>(k), static_cast<const std::byte*>(v),
-               (token_stride == 0 ? row : token_stride) * elem, row * elem, "write_stored",
+    const std::int64_t stride_bytes =
+        checked_mul(resolved_token_stride(token_stride, row, "write_stored"), elem, "write_stored token stride in bytes");
+    write_rows(std::span<const seq_id>(&id, 1), layer, std::span<const std::int64_t>(&pos, 1), std::span<const std::int64_t>(&n, 1),
+               static_cast<const std::byte*>(k), static_cast<const std::byte*>(v), stride_bytes, row * elem, "write_stored",
                [&](auto, std::byte* dst, const std::byte* src) {
                  std::memcpy(dst, src, static_cast<std::size_t>(config_.row_bytes()));
                });
@@ -326,44 +335,79 @@ class KvCache {
     return m.slot_of(layer);
   }
 
-  /// Validates a write of tokens [pos, pos + n) of a producer layer, then calls
-  /// copy(dtype tag, destination row, source row) for every (token, KV head). Source rows of one
-  /// token are `row_units` apart ... tokens `token_stride` units apart (units: floats or bytes).
+  /// Validates a batch write to a producer layer (sequence ids[b]: counts[b] tokens from
+  /// positions[b] on), copies the blocks shared with forks, then calls copy(dtype tag, destination
+  /// row, source row) for every (token, KV head). Source: the sequences' tokens back to back,
+  /// `token_stride` units apart, KV heads row_units / Hkv apart (units: floats or bytes).
   template <class Src, class Copy>
-  void write_rows(seq_id id, int layer, std::int64_t pos, std::int64_t n, const Src* k, const Src* v,
-                  std::int64_t token_stride, std::int64_t row_units, const char* what, Copy&& copy) {
+  void write_rows(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
+                  std::span<const std::int64_t> counts, const Src* k, const Src* v, std::int64_t token_stride,
+                  std::int64_t row_units, const char* what, Copy&& copy) {
     const int slot = producer_slot(layer);
-    Sequence& s = find(id)->second;
-    if (token_stride < row_units)
-      detail::fail<shape_error>(what, ": token stride ", token_stride, " is less than Hkv x d = ", row_units);
-    if (n < 0 || pos < 0 || pos > s.length - n)
-      detail::fail<shape_error>(what, " tokens [", pos, ", ", pos + n, ") of sequence ", id, " of length ", s.length);
-    if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
-    // Blocks shared with a fork are copied first, so the other sequences keep what they read.
-    const std::int64_t first = pos / layout_.block_tokens(), last = n > 0 ? (pos + n - 1) / layout_.block_tokens() + 1 : first;
-    std::int64_t shared = 0;
-    for (std::int64_t b = first; b < last; ++b) shared += is_shared(s.blocks[static_cast<std::size_t>(b)]);
-    if (shared > 0) {
-      const Acquired acquired = acquire_blocks(shared, detail::message("copying sequence ", id, "'s blocks shared with a fork"));
-      std::size_t next = 0;  // nothing below throws
-      for (std::int64_t b = first; b < last; ++b) {
-        std::byte*& block = s.blocks[static_cast<std::size_t>(b)];
-        if (is_shared(block)) unshare(block, acquired.blocks[next++]);
-      }
-    }
-    const KvSlotView sv = slot_view_of(slot);
-    const std::int64_t head_units = row_units / sv.kv_heads;
-    visit_dtype(config_.dtype(), [&](auto tag) {
-      for (std::int64_t t = 0; t < n; ++t) {
-        const std::int64_t p = pos + t;
-        std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
-        for (int h = 0; h < sv.kv_heads; ++h) {
-          const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
-          copy(tag, block + sv.k_offset + at, k + t * token_stride + h * head_units);
-          copy(tag, block + sv.v_offset + at, v + t * token_stride + h * head_units);
+    if (positions.size() != ids.size() || counts.size() != ids.size())
+      detail::fail<shape_error>(what, ": ", ids.size(), " sequence ids, ", positions.size(), " positions and ", counts.size(),
+                                " token counts");
+    // Check everything and count the copies of blocks shared with a fork before changing anything.
+    // A block shared only by sequences of this batch is copied by all but the last of them (the
+    // test of the commit below, with the references earlier sequences drop).
+    const bool batch = ids.size() > 1;  // one sequence needs neither set nor map (no allocation)
+    std::unordered_set<seq_id> seen;
+    std::unordered_map<std::byte*, std::int32_t> dropped;
+    std::int64_t copies = 0;
+    for (std::size_t b = 0; b < ids.size(); ++b) {
+      const Sequence& s = find(ids[b])->second;
+      if (batch && !seen.insert(ids[b]).second) detail::fail<shape_error>(what, ": sequence ", ids[b], " listed twice");
+      const std::int64_t pos = positions[b], n = counts[b];
+      std::int64_t end = 0;
+      if (__builtin_add_overflow(pos, n, &end))
+        detail::fail<overflow_error>(what, ": tokens from position ", pos, " on, ", n, " of them, end past 64 bits");
+      if (n < 0 || pos < 0 || end > s.length)
+        detail::fail<shape_error>(what, " tokens [", pos, ", ", end, ") of sequence ", ids[b], " of length ", s.length);
+      if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
+      for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
+        std::byte* block = s.blocks[static_cast<std::size_t>(i)];
+        if (refcount_.find(block)->second - (batch ? dropped[block] : 0) > 1) {
+          if (batch) ++dropped[block];
+          ++copies;
         }
       }
-    });
+    }
+    Acquired acquired;
+    if (copies > 0)
+      acquired = acquire_blocks(copies, batch ? detail::message("copying blocks shared with forks for a batch of ", ids.size(),
+                                                                " sequences")
+                                              : detail::message("copying sequence ", ids[0], "'s blocks shared with a fork"));
+    // Commit: nothing below throws.
+    std::size_t next = 0;
+    const KvSlotView sv = slot_view_of(slot);
+    const std::int64_t head_units = row_units / sv.kv_heads;
+    for (std::size_t b = 0; b < ids.size(); ++b) {
+      Sequence& s = find(ids[b])->second;
+      const std::int64_t pos = positions[b], n = counts[b];
+      for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
+        std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
+        if (is_shared(block)) unshare(block, acquired.blocks[next++]);
+      }
+      visit_dtype(config_.dtype(), [&](auto tag) {
+        for (std::int64_t t = 0; t < n; ++t) {
+          const std::int64_t p = pos + t;
+          std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
+          for (int h = 0; h < sv.kv_heads; ++h) {
+            const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
+            copy(tag, block + sv.k_offset + at, k + t * token_stride + h * head_units);
+            copy(tag, block + sv.v_offset + at, v + t * token_stride + h * head_units);
+          }
+        }
+      });
+      if (n > 0) k += n * token_stride, v += n * token_stride;
+    }
+  }
+
+  /// A call's token stride in elements (0: rows of `row` elements back to back), refused below `row`.
+  static std::int64_t resolved_token_stride(std::int64_t token_stride, std::int64_t row, const char* what) {
+    const std::int64_t stride = token_stride == 0 ? row : token_stride;
+    if (stride < row) detail::fail<shape_error>(what, ": token stride ", token_stride, " is less than Hkv x d = ", row);
+    return stride;
   }
 
   KvSlotView slot_view_of(int slot) const {
@@ -394,6 +438,17 @@ class KvCache {
     std::vector<std::byte*> blocks;
     std::size_t from_free = 0;
   };
+
+  /// Throws pool_exhausted (naming `what`) when one more sequence would not fit: where every
+  /// sequence reserves blocks (blocks_on_add() > 0, e.g. ContiguousLayout's max_sequences), each
+  /// one counts, forks included, though a fork takes no block of its own until it writes.
+  void check_room_for_sequence(const std::string& what) const {
+    const std::int64_t per_sequence = layout_.blocks_on_add();
+    if (per_sequence > 0 && layout_.max_blocks() != unlimited &&
+        static_cast<std::int64_t>(seqs_.size()) + 1 > layout_.max_blocks() / per_sequence)
+      detail::fail<pool_exhausted>(what, ": ", seqs_.size(), " sequences of ", per_sequence,
+                                   " block(s) each already fill the pool of ", layout_.max_blocks());
+  }
 
   /// Takes n blocks (free list first, then the resource) with refcount 1, or throws pool_exhausted
   /// leaving everything as it was.

@@ -85,12 +85,10 @@ class AttentionLayer {
       k_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wk, std::int64_t{hkv} * d, d_model_).transpose();
       v_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wv, std::int64_t{hkv} * d, d_model_).transpose();
       apply_rope(rope_, k_.data(), tokens, hkv, d, k_.cols(), positions_.data());
-      std::int64_t row = 0;
-      for (std::size_t b = 0; b < seqs.size(); ++b) {
-        cache.write(seqs[b], layer_, cache.length(seqs[b]) - counts[b], counts[b], k_.data() + row * k_.cols(),
-                    v_.data() + row * v_.cols());
-        row += counts[b];
-      }
+      // One write for the batch: all or nothing, also where it copies blocks shared with forks.
+      starts_.resize(seqs.size());
+      for (std::size_t b = 0; b < seqs.size(); ++b) starts_[b] = cache.length(seqs[b]) - counts[b];
+      cache.write(seqs, layer_, starts_, counts, k_.data(), v_.data());
     }
     attn_.resize(tokens, std::int64_t{hq} * d);
     prefill(cache, layer_, seqs, counts, q_.data(), attn_.data(), opt);
@@ -107,7 +105,8 @@ class AttentionLayer {
   LayerWeights w_;
   RopeConfig rope_;
   RowMatrix q_, k_, v_, attn_;  // reused between calls
-  std::vector<std::int64_t> positions_;
+  std::vector<std::int64_t> positions_;  // of every new token (RoPE)
+  std::vector<std::int64_t> starts_;     // of every sequence's new tokens (the K/V write)
 };
 
 /// The attention blocks of a whole model, following its layer-sharing map, with a residual
