@@ -442,7 +442,8 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(dup, std::vector<std::int64_t>{1, 1}); }, "twice");
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.extend(1, -2); }, "-2");
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.truncate(1, 10); }, "10");
-  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, 8, 2, kv.data(), kv.data()); }, "[8, 10)");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, 8, 2, kv.data(), kv.data()); },
+                                      "2 tokens from position 8 of sequence 1 of length 9");
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, 0, 1, kv.data(), kv.data(), 5); }, "stride");
   expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 3, 0, 1, kv.data(), kv.data()); }, "layer 3");
   expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 9, 0, 1, kv.data(), kv.data()); }, "9");
@@ -486,7 +487,12 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
                                       "token stride 20 is less than Hkv x d = 32");
   expect_unchanged_after<overflow_error>(
       cache, ids, [&] { cache.write_stored(1, 0, 0, 1, stored.data(), stored.data(), std::int64_t{1} << 62); }, "token stride");
-  expect_unchanged_after<overflow_error>(cache, ids, [&] { cache.write(1, 0, INT64_MAX, 2, kv.data(), kv.data()); }, "64 bits");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, INT64_MAX, 2, kv.data(), kv.data()); },
+                                      "position 9223372036854775807");
+  expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, INT64_MIN, -1, kv.data(), kv.data()); }, "-1 tokens");
+  // The layer and the sequence are checked before the stride, as they always were.
+  expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.write(77, 0, 0, 1, kv.data(), kv.data(), 5); }, "77");
+  expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 1, 0, 1, kv.data(), kv.data(), 5); }, "layer 1");
   // A batch's block count summed past 2^63.
   KvCache<PagedLayout> token_blocks(small_config(), PagedLayout{1});
   token_blocks.add_sequence(1);

@@ -174,6 +174,13 @@ TEST(AttentionLayer, RejectsBadInputs) {
   AttentionOptions bad_threads;
   bad_threads.threads = -1;
   EXPECT_THROW(layer.forward(cache, ids, one, x.data(), y.data(), bad_threads), config_error);
+  // A sequence listed twice, refused by the producer and the consumer (which writes nothing) alike.
+  const std::vector<seq_id> twice{1, 1};
+  const std::vector<std::int64_t> ones{1, 1};
+  std::vector<float> x2(2 * 32), y2(2 * 32);
+  EXPECT_THROW(layer.forward(cache, twice, ones, x2.data(), y2.data()), shape_error);
+  AttentionLayer consumer(cfg, 1, 32, LayerWeights{w.wq.data(), nullptr, nullptr, w.wo.data()});
+  EXPECT_THROW(consumer.forward(cache, twice, ones, x2.data(), y2.data()), shape_error);
   cache.read(1, 0, 0, k_after.data(), v_after.data());
   EXPECT_EQ(std::memcmp(k_before.data(), k_after.data(), k_after.size() * sizeof(float)), 0);
   EXPECT_EQ(std::memcmp(v_before.data(), v_after.data(), v_after.size() * sizeof(float)), 0);

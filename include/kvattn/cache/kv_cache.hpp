@@ -137,37 +137,41 @@ class KvCache {
       std::int64_t new_blocks;
     };
     std::vector<Plan> plans;
-    plans.reserve(ids.size());
     std::unordered_set<seq_id> seen;
     // References that earlier sequences of this batch will drop by copying a shared block: a block
     // shared only by sequences of the batch is copied by all but the last of them.
     std::unordered_map<std::byte*, std::int32_t> dropped;
     std::int64_t needed = 0, copies = 0;
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      Sequence& s = find(ids[i])->second;
-      if (!seen.insert(ids[i]).second) detail::fail<shape_error>("extend: sequence ", ids[i], " listed twice");
-      if (counts[i] < 0) detail::fail<shape_error>("extend sequence ", ids[i], " by ", counts[i], " tokens: must be >= 0");
-      const std::int64_t new_length = checked_add(s.length, counts[i], "sequence length");
-      const std::int64_t cap = capacity_tokens();
-      if (new_length > cap)
-        detail::fail<capacity_error>("sequence ", ids[i], " of length ", s.length, " cannot grow by ", counts[i],
-                                     " tokens: capacity is ", cap, " tokens");
-      const std::int64_t have = static_cast<std::int64_t>(s.blocks.size());
-      const std::int64_t want = ceil_div(new_length, layout_.block_tokens());
-      Plan p{&s, new_length, 0, 0, std::max<std::int64_t>(0, want - have)};
-      if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
-        p.first_cow = s.length / layout_.block_tokens();
-        p.last_cow = std::min(have, want);
-        for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
-          std::byte* block = s.blocks[static_cast<std::size_t>(b)];
-          if (refcount_.find(block)->second - dropped[block] > 1) {  // same test as the commit below
-            ++dropped[block];
-            ++copies;
+    try {  // the plan's own bookkeeping failing is reported as pool_exhausted too
+      plans.reserve(ids.size());
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        Sequence& s = find(ids[i])->second;
+        if (!seen.insert(ids[i]).second) detail::fail<shape_error>("extend: sequence ", ids[i], " listed twice");
+        if (counts[i] < 0) detail::fail<shape_error>("extend sequence ", ids[i], " by ", counts[i], " tokens: must be >= 0");
+        const std::int64_t new_length = checked_add(s.length, counts[i], "sequence length");
+        const std::int64_t cap = capacity_tokens();
+        if (new_length > cap)
+          detail::fail<capacity_error>("sequence ", ids[i], " of length ", s.length, " cannot grow by ", counts[i],
+                                       " tokens: capacity is ", cap, " tokens");
+        const std::int64_t have = static_cast<std::int64_t>(s.blocks.size());
+        const std::int64_t want = ceil_div(new_length, layout_.block_tokens());
+        Plan p{&s, new_length, 0, 0, std::max<std::int64_t>(0, want - have)};
+        if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
+          p.first_cow = s.length / layout_.block_tokens();
+          p.last_cow = std::min(have, want);
+          for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
+            std::byte* block = s.blocks[static_cast<std::size_t>(b)];
+            if (refcount_.find(block)->second - dropped[block] > 1) {  // same test as the commit below
+              ++dropped[block];
+              ++copies;
+            }
           }
         }
+        needed = checked_add(needed, p.new_blocks, "blocks to add");
+        plans.push_back(p);
       }
-      needed = checked_add(needed, p.new_blocks, "blocks to add");
-      plans.push_back(p);
+    } catch (...) {
+      rethrow_out_of_memory(needed, "planning an extend");
     }
     needed = checked_add(needed, copies, "blocks to add");
     Acquired acquired = acquire_blocks(
@@ -216,8 +220,7 @@ class KvCache {
   /// is written, so a failure (an exhausted pool) changes nothing.
   void write(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions, std::span<const std::int64_t> counts,
              const float* k, const float* v, std::int64_t token_stride = 0) {
-    const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
-    write_rows(ids, layer, positions, counts, k, v, resolved_token_stride(token_stride, row, "write"), row, "write",
+    write_rows(ids, layer, positions, counts, k, v, token_stride, 1, "write",
                [&](auto tag, std::byte* dst, const float* src) {
                  using S = storage<decltype(tag)::value>;
                  auto* d = reinterpret_cast<typename S::type*>(dst);
@@ -230,12 +233,9 @@ class KvCache {
   /// or quantize K/V themselves. Bytes are copied as they are.
   void write_stored(seq_id id, int layer, std::int64_t pos, std::int64_t n, const void* k, const void* v,
                     std::int64_t token_stride = 0) {
-    const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
-    const std::int64_t elem = dtype_bytes(config_.dtype());
-    const std::int64_t stride_bytes =
-        checked_mul(resolved_token_stride(token_stride, row, "write_stored"), elem, "write_stored token stride in bytes");
     write_rows(std::span<const seq_id>(&id, 1), layer, std::span<const std::int64_t>(&pos, 1), std::span<const std::int64_t>(&n, 1),
-               static_cast<const std::byte*>(k), static_cast<const std::byte*>(v), stride_bytes, row * elem, "write_stored",
+               static_cast<const std::byte*>(k), static_cast<const std::byte*>(v), token_stride, dtype_bytes(config_.dtype()),
+               "write_stored",
                [&](auto, std::byte* dst, const std::byte* src) {
                  std::memcpy(dst, src, static_cast<std::size_t>(config_.row_bytes()));
                });
@@ -338,15 +338,20 @@ class KvCache {
   /// Validates a batch write to a producer layer (sequence ids[b]: counts[b] tokens from
   /// positions[b] on), copies the blocks shared with forks, then calls copy(dtype tag, destination
   /// row, source row) for every (token, KV head). Source: the sequences' tokens back to back,
-  /// `token_stride` units apart, KV heads row_units / Hkv apart (units: floats or bytes).
+  /// `token_stride` elements apart (0: Hkv x d), KV heads d elements apart; an element is `unit`
+  /// Src values (1 float, or the storage type's bytes). Checks in the order of the single write:
+  /// layer, sequences, stride, ranges.
   template <class Src, class Copy>
   void write_rows(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
                   std::span<const std::int64_t> counts, const Src* k, const Src* v, std::int64_t token_stride,
-                  std::int64_t row_units, const char* what, Copy&& copy) {
+                  std::int64_t unit, const char* what, Copy&& copy) {
     const int slot = producer_slot(layer);
     if (positions.size() != ids.size() || counts.size() != ids.size())
       detail::fail<shape_error>(what, ": ", ids.size(), " sequence ids, ", positions.size(), " positions and ", counts.size(),
                                 " token counts");
+    for (seq_id id : ids) (void)find(id);
+    const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
+    const std::int64_t stride_units = checked_mul(resolved_token_stride(token_stride, row, what), unit, "token stride");
     // Check everything and count the copies of blocks shared with a fork before changing anything.
     // A block shared only by sequences of this batch is copied by all but the last of them (the
     // test of the commit below, with the references earlier sequences drop).
@@ -354,23 +359,24 @@ class KvCache {
     std::unordered_set<seq_id> seen;
     std::unordered_map<std::byte*, std::int32_t> dropped;
     std::int64_t copies = 0;
-    for (std::size_t b = 0; b < ids.size(); ++b) {
-      const Sequence& s = find(ids[b])->second;
-      if (batch && !seen.insert(ids[b]).second) detail::fail<shape_error>(what, ": sequence ", ids[b], " listed twice");
-      const std::int64_t pos = positions[b], n = counts[b];
-      std::int64_t end = 0;
-      if (__builtin_add_overflow(pos, n, &end))
-        detail::fail<overflow_error>(what, ": tokens from position ", pos, " on, ", n, " of them, end past 64 bits");
-      if (n < 0 || pos < 0 || end > s.length)
-        detail::fail<shape_error>(what, " tokens [", pos, ", ", end, ") of sequence ", ids[b], " of length ", s.length);
-      if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
-      for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
-        std::byte* block = s.blocks[static_cast<std::size_t>(i)];
-        if (refcount_.find(block)->second - (batch ? dropped[block] : 0) > 1) {
-          if (batch) ++dropped[block];
-          ++copies;
+    try {  // the bookkeeping failing is reported as pool_exhausted too
+      for (std::size_t b = 0; b < ids.size(); ++b) {
+        const Sequence& s = find(ids[b])->second;
+        if (batch && !seen.insert(ids[b]).second) detail::fail<shape_error>(what, ": sequence ", ids[b], " listed twice");
+        const std::int64_t pos = positions[b], n = counts[b];
+        if (n < 0 || pos < 0 || pos > s.length || n > s.length - pos)  // in this order, nothing overflows
+          detail::fail<shape_error>(what, ": ", n, " tokens from position ", pos, " of sequence ", ids[b], " of length ", s.length);
+        if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
+        for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
+          std::byte* block = s.blocks[static_cast<std::size_t>(i)];
+          if (refcount_.find(block)->second - (batch ? dropped[block] : 0) > 1) {
+            if (batch) ++dropped[block];
+            ++copies;
+          }
         }
       }
+    } catch (...) {
+      rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
     Acquired acquired;
     if (copies > 0)
@@ -380,7 +386,7 @@ class KvCache {
     // Commit: nothing below throws.
     std::size_t next = 0;
     const KvSlotView sv = slot_view_of(slot);
-    const std::int64_t head_units = row_units / sv.kv_heads;
+    const std::int64_t head_units = std::int64_t{sv.head_dim} * unit;
     for (std::size_t b = 0; b < ids.size(); ++b) {
       Sequence& s = find(ids[b])->second;
       const std::int64_t pos = positions[b], n = counts[b];
@@ -394,12 +400,12 @@ class KvCache {
           std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
           for (int h = 0; h < sv.kv_heads; ++h) {
             const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
-            copy(tag, block + sv.k_offset + at, k + t * token_stride + h * head_units);
-            copy(tag, block + sv.v_offset + at, v + t * token_stride + h * head_units);
+            copy(tag, block + sv.k_offset + at, k + t * stride_units + h * head_units);
+            copy(tag, block + sv.v_offset + at, v + t * stride_units + h * head_units);
           }
         }
       });
-      if (n > 0) k += n * token_stride, v += n * token_stride;
+      if (n > 0) k += n * stride_units, v += n * stride_units;
     }
   }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <span>
 #include <vector>
 
@@ -55,6 +56,7 @@ class AttentionLayer {
   /// x and y are [sum(counts)][d_model] (sequences in order). The cache must already hold the new
   /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
   /// (AttentionStack does it). Token i of a sequence of length L after extend gets position L - n + i.
+  /// Each sequence appears at most once.
   /// Of the options, scale, threads and fpmath apply; the token strides must be 0 (the layer's own
   /// queries and outputs are dense).
   template <KvLayoutPolicy L>
@@ -65,6 +67,10 @@ class AttentionLayer {
       detail::fail<shape_error>("layer ", layer_, ": the cache was built for another model (head layout or sharing map differs)");
     if (seqs.size() != counts.size())
       detail::fail<shape_error>("layer forward: ", seqs.size(), " sequences but ", counts.size(), " token counts");
+    sorted_ids_.assign(seqs.begin(), seqs.end());  // producers and consumers alike: each sequence once
+    std::sort(sorted_ids_.begin(), sorted_ids_.end());
+    if (const auto twice = std::adjacent_find(sorted_ids_.begin(), sorted_ids_.end()); twice != sorted_ids_.end())
+      detail::fail<shape_error>("layer forward: sequence ", *twice, " listed twice");
     std::int64_t tokens = 0;
     positions_.clear();
     for (std::size_t b = 0; b < seqs.size(); ++b) {
@@ -107,6 +113,7 @@ class AttentionLayer {
   RowMatrix q_, k_, v_, attn_;  // reused between calls
   std::vector<std::int64_t> positions_;  // of every new token (RoPE)
   std::vector<std::int64_t> starts_;     // of every sequence's new tokens (the K/V write)
+  std::vector<seq_id> sorted_ids_;       // the batch's ids, sorted (duplicate check)
 };
 
 /// The attention blocks of a whole model, following its layer-sharing map, with a residual
