@@ -8,8 +8,10 @@
 #include <new>
 #include <span>
 #include <stdexcept>
+#include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "kvattn/cache/kv_view.hpp"
@@ -19,6 +21,25 @@
 namespace kvattn {
 
 using seq_id = std::int64_t;
+
+namespace detail {
+
+/// The ids of one batch, each listed at most once: check(id) throws shape_error ("<what>: sequence
+/// <id> listed twice") at an id's second listing. A batch of one keeps no set (no allocation).
+class ListedOnce {
+ public:
+  ListedOnce(std::size_t batch, const char* what) : many_(batch > 1), what_(what) {}
+  void check(seq_id id) {
+    if (many_ && !seen_.insert(id).second) fail<shape_error>(what_, ": sequence ", id, " listed twice");
+  }
+
+ private:
+  bool many_;
+  const char* what_;
+  std::unordered_set<seq_id> seen_;
+};
+
+}  // namespace detail
 
 /// Alignment of every block the cache requests from its memory resource.
 inline constexpr std::size_t block_alignment = 64;
@@ -68,9 +89,10 @@ class KvCache {
   /// Adds an empty sequence (reserving the layout's up-front blocks).
   void add_sequence(seq_id id) {
     if (seqs_.contains(id)) detail::fail<sequence_error>("sequence ", id, " already exists");
-    check_room_for_sequence(detail::message("sequence ", id));
+    const std::string what = detail::message("sequence ", id);
+    check_room_for_sequence(what);
     const std::int64_t n = layout_.blocks_on_add();
-    Acquired acquired = acquire_blocks(n, detail::message("sequence ", id));
+    Acquired acquired = acquire_blocks(n, what);
     try {
       seqs_.try_emplace(id).first->second.blocks = std::move(acquired.blocks);
     } catch (...) {
@@ -137,16 +159,14 @@ class KvCache {
       std::int64_t new_blocks;
     };
     std::vector<Plan> plans;
-    std::unordered_set<seq_id> seen;
-    // References that earlier sequences of this batch will drop by copying a shared block: a block
-    // shared only by sequences of the batch is copied by all but the last of them.
-    std::unordered_map<std::byte*, std::int32_t> dropped;
+    detail::ListedOnce listed(ids.size(), "extend");
+    DroppedRefs dropped;
     std::int64_t needed = 0, copies = 0;
     try {  // the plan's own bookkeeping failing is reported as pool_exhausted too
       plans.reserve(ids.size());
       for (std::size_t i = 0; i < ids.size(); ++i) {
         Sequence& s = find(ids[i])->second;
-        if (!seen.insert(ids[i]).second) detail::fail<shape_error>("extend: sequence ", ids[i], " listed twice");
+        listed.check(ids[i]);
         if (counts[i] < 0) detail::fail<shape_error>("extend sequence ", ids[i], " by ", counts[i], " tokens: must be >= 0");
         const std::int64_t new_length = checked_add(s.length, counts[i], "sequence length");
         const std::int64_t cap = capacity_tokens();
@@ -159,13 +179,7 @@ class KvCache {
         if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
           p.first_cow = s.length / layout_.block_tokens();
           p.last_cow = std::min(have, want);
-          for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
-            std::byte* block = s.blocks[static_cast<std::size_t>(b)];
-            if (refcount_.find(block)->second - dropped[block] > 1) {  // same test as the commit below
-              ++dropped[block];
-              ++copies;
-            }
-          }
+          copies += copies_for(s, p.first_cow, p.last_cow, &dropped);
         }
         needed = checked_add(needed, p.new_blocks, "blocks to add");
         plans.push_back(p);
@@ -353,27 +367,20 @@ class KvCache {
     const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
     const std::int64_t stride_units = checked_mul(resolved_token_stride(token_stride, row, what), unit, "token stride");
     // Check everything and count the copies of blocks shared with a fork before changing anything.
-    // A block shared only by sequences of this batch is copied by all but the last of them (the
-    // test of the commit below, with the references earlier sequences drop).
-    const bool batch = ids.size() > 1;  // one sequence needs neither set nor map (no allocation)
-    std::unordered_set<seq_id> seen;
-    std::unordered_map<std::byte*, std::int32_t> dropped;
+    const bool batch = ids.size() > 1;  // one sequence needs no map of dropped references (no allocation)
+    detail::ListedOnce listed(ids.size(), what);
+    DroppedRefs dropped;
     std::int64_t copies = 0;
     try {  // the bookkeeping failing is reported as pool_exhausted too
       for (std::size_t b = 0; b < ids.size(); ++b) {
         const Sequence& s = find(ids[b])->second;
-        if (batch && !seen.insert(ids[b]).second) detail::fail<shape_error>(what, ": sequence ", ids[b], " listed twice");
+        listed.check(ids[b]);
         const std::int64_t pos = positions[b], n = counts[b];
         if (n < 0 || pos < 0 || pos > s.length || n > s.length - pos)  // in this order, nothing overflows
           detail::fail<shape_error>(what, ": ", n, " tokens from position ", pos, " of sequence ", ids[b], " of length ", s.length);
         if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
-        for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
-          std::byte* block = s.blocks[static_cast<std::size_t>(i)];
-          if (refcount_.find(block)->second - (batch ? dropped[block] : 0) > 1) {
-            if (batch) ++dropped[block];
-            ++copies;
-          }
-        }
+        const auto [first, last] = written_blocks(pos, n);
+        copies += copies_for(s, first, last, batch ? &dropped : nullptr);
       }
     } catch (...) {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
@@ -390,7 +397,8 @@ class KvCache {
     for (std::size_t b = 0; b < ids.size(); ++b) {
       Sequence& s = find(ids[b])->second;
       const std::int64_t pos = positions[b], n = counts[b];
-      for (std::int64_t i = pos / layout_.block_tokens(); n > 0 && i <= (pos + n - 1) / layout_.block_tokens(); ++i) {
+      const auto [first, last] = written_blocks(pos, n);
+      for (std::int64_t i = first; i < last; ++i) {
         std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
         if (is_shared(block)) unshare(block, acquired.blocks[next++]);
       }
@@ -407,6 +415,32 @@ class KvCache {
       });
       if (n > 0) k += n * stride_units, v += n * stride_units;
     }
+  }
+
+  /// The blocks [first, last) of a sequence that tokens [pos, pos + n) lie in (none when n is 0).
+  std::pair<std::int64_t, std::int64_t> written_blocks(std::int64_t pos, std::int64_t n) const {
+    const std::int64_t first = pos / layout_.block_tokens();
+    return {first, n > 0 ? (pos + n - 1) / layout_.block_tokens() + 1 : first};
+  }
+
+  /// References to a block that earlier sequences of a batch drop by copying it before they write.
+  using DroppedRefs = std::unordered_map<std::byte*, std::int32_t>;
+
+  /// How many of s.blocks[first, last) a write copies: those shared with another sequence once the
+  /// references that earlier sequences of the batch drop are taken off (`dropped`, updated; null
+  /// for a batch of one), so a block shared only by the batch's sequences is copied by all but the
+  /// last of them. The planned twin of the commit's is_shared() test, which runs in batch order.
+  std::int64_t copies_for(const Sequence& s, std::int64_t first, std::int64_t last, DroppedRefs* dropped) const {
+    std::int64_t copies = 0;
+    for (std::int64_t b = first; b < last; ++b) {
+      std::byte* block = s.blocks[static_cast<std::size_t>(b)];
+      std::int32_t* gone = dropped != nullptr ? &(*dropped)[block] : nullptr;
+      if (refcount_.find(block)->second - (gone != nullptr ? *gone : 0) > 1) {
+        if (gone != nullptr) ++*gone;
+        ++copies;
+      }
+    }
+    return copies;
   }
 
   /// A call's token stride in elements (0: rows of `row` elements back to back), refused below `row`.

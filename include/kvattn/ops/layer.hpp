@@ -67,14 +67,12 @@ class AttentionLayer {
       detail::fail<shape_error>("layer ", layer_, ": the cache was built for another model (head layout or sharing map differs)");
     if (seqs.size() != counts.size())
       detail::fail<shape_error>("layer forward: ", seqs.size(), " sequences but ", counts.size(), " token counts");
-    sorted_ids_.assign(seqs.begin(), seqs.end());  // producers and consumers alike: each sequence once
-    std::sort(sorted_ids_.begin(), sorted_ids_.end());
-    if (const auto twice = std::adjacent_find(sorted_ids_.begin(), sorted_ids_.end()); twice != sorted_ids_.end())
-      detail::fail<shape_error>("layer forward: sequence ", *twice, " listed twice");
+    detail::ListedOnce listed(seqs.size(), "layer forward");  // producers and consumers alike
     std::int64_t tokens = 0;
     positions_.clear();
     for (std::size_t b = 0; b < seqs.size(); ++b) {
       const std::int64_t len = cache.length(seqs[b]);
+      listed.check(seqs[b]);
       if (counts[b] < 0 || counts[b] > len)
         detail::fail<shape_error>("layer forward: sequence ", seqs[b], " has ", counts[b], " new tokens but length ",
                                   len, "; extend the cache first");
@@ -113,7 +111,6 @@ class AttentionLayer {
   RowMatrix q_, k_, v_, attn_;  // reused between calls
   std::vector<std::int64_t> positions_;  // of every new token (RoPE)
   std::vector<std::int64_t> starts_;     // of every sequence's new tokens (the K/V write)
-  std::vector<seq_id> sorted_ids_;       // the batch's ids, sorted (duplicate check)
 };
 
 /// The attention blocks of a whole model, following its layer-sharing map, with a residual
