@@ -5,9 +5,11 @@
 // few thousand keys stays near 1e-6; the margin covers the worst random case).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <sstream>
+#include <string_view>
 
 #include "reference.hpp"
 
@@ -334,6 +336,29 @@ TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   }
   EXPECT_THROW(parse_isa("sse9"), config_error);
   EXPECT_EQ(parse_isa("avx512"), isa::avx512);
+  try {
+    set_isa(static_cast<isa>(7));
+    ADD_FAILURE() << "an invalid path value was accepted";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("set_isa: invalid ISA path value 7"), std::string::npos) << e.what();
+  }
+}
+
+// Run by ctest as test_attention_bad_isa_environment, with KVATTN_ISA=AVX2 (case matters: no such
+// path): every call names the variable and its value, and set_isa still forces a path over it.
+TEST(IsaEnvironment, AnUnusableValueIsNamedAndSetIsaOverridesIt) {
+  const char* env = std::getenv("KVATTN_ISA");
+  if (env == nullptr || std::string_view(env) != "AVX2") GTEST_SKIP() << "runs with KVATTN_ISA=AVX2 (ctest)";
+  for (int call = 0; call < 2; ++call) {
+    try {
+      (void)active_isa();
+      ADD_FAILURE() << "KVATTN_ISA=AVX2 was accepted";
+    } catch (const config_error& e) {
+      EXPECT_NE(std::string(e.what()).find("KVATTN_ISA: unknown ISA path 'AVX2'"), std::string::npos) << e.what();
+    }
+  }
+  set_isa(isa::scalar);
+  EXPECT_EQ(active_isa(), isa::scalar);
 }
 
 TEST(Attention, StaticHeadLayoutMatchesDynamic) {

@@ -176,6 +176,7 @@ TEST(HugePageResource, MapsLargeBlocksOnWholeHugePagesAndSendsSmallOnesUpstream)
   EXPECT_THROW((void)res.allocate(SIZE_MAX - 100, 64), std::bad_alloc);
 #endif
   EXPECT_FALSE(HugePageResource::maps_huge(HugePageResource::huge_page_bytes - 1, 64));
+  EXPECT_THROW(HugePageResource(nullptr), config_error);  // as KvCache refuses a null resource
 }
 
 TEST(KvCache, UserWrittenLayoutPlugsIn) {

@@ -11,6 +11,8 @@
 #include <memory_resource>
 #include <new>
 
+#include "kvattn/config/errors.hpp"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -27,7 +29,9 @@ class HugePageResource final : public std::pmr::memory_resource {
  public:
   static constexpr std::size_t huge_page_bytes = std::size_t{2} << 20;
 
-  explicit HugePageResource(std::pmr::memory_resource* upstream = std::pmr::new_delete_resource()) : upstream_(upstream) {}
+  explicit HugePageResource(std::pmr::memory_resource* upstream = std::pmr::new_delete_resource()) : upstream_(upstream) {
+    if (upstream == nullptr) detail::fail<config_error>("HugePageResource: the upstream memory resource is null");
+  }
 
   std::pmr::memory_resource* upstream() const { return upstream_; }
 

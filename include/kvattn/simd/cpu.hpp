@@ -93,40 +93,52 @@ inline std::vector<isa> supported_isas() {
   return out;
 }
 
-/// Parses "scalar", "avx2", "avx512" or "neon".
-inline isa parse_isa(std::string_view name) {
+/// Parses "scalar", "avx2", "avx512" or "neon"; an error message starts with `origin`.
+inline isa parse_isa(std::string_view name, std::string_view origin = {}) {
   for (isa i : {isa::scalar, isa::avx2, isa::avx512, isa::neon})
     if (name == isa_name(i)) return i;
-  detail::fail<config_error>("unknown ISA path '", name, "' (expected scalar, avx2, avx512 or neon)");
+  detail::fail<config_error>(origin, "unknown ISA path '", name, "' (expected scalar, avx2, avx512 or neon)");
 }
 
 namespace detail {
 inline void require_supported(isa i, std::string_view origin) {
-  if (!cpu_supports(i))
-    fail<config_error>(origin, "ISA path '", isa_name(i), "' is not supported by this CPU");
+  if (isa_name(i) == "?") fail<config_error>(origin, "invalid ISA path value ", static_cast<int>(i));
+  if (!cpu_supports(i)) fail<config_error>(origin, "ISA path '", isa_name(i), "' is not supported by this CPU");
 }
 
-/// The path in force: KVATTN_ISA from the environment if set (checked), else the fastest supported.
-inline std::atomic<isa>& active_isa_slot() {
-  static std::atomic<isa> slot{[] {
+/// The path kernels use unless set_isa forced one: KVATTN_ISA from the environment if set
+/// (checked: a bad value throws here, at every call), else the fastest supported.
+inline isa default_isa() {
+  static const isa path = [] {
     if (const char* env = std::getenv("KVATTN_ISA"); env != nullptr && *env != '\0') {
-      const isa forced = parse_isa(env);
+      const isa forced = parse_isa(env, "KVATTN_ISA: ");
       require_supported(forced, "KVATTN_ISA: ");
       return forced;
     }
     return supported_isas().back();
-  }()};
+  }();
+  return path;
+}
+
+/// The path set_isa forced, or -1. Apart from the environment's default, so that set_isa works
+/// (and overrides it) even when KVATTN_ISA holds a bad value.
+inline std::atomic<int>& forced_isa_slot() {
+  static std::atomic<int> slot{-1};
   return slot;
 }
 }  // namespace detail
 
 /// The path kernels use now.
-inline isa active_isa() { return detail::active_isa_slot().load(std::memory_order_relaxed); }
+inline isa active_isa() {
+  const int forced = detail::forced_isa_slot().load(std::memory_order_relaxed);
+  return forced >= 0 ? static_cast<isa>(forced) : detail::default_isa();
+}
 
-/// Forces a path (for tests and benchmarks); throws config_error if this CPU cannot run it.
+/// Forces a path (for tests and benchmarks), over KVATTN_ISA; throws config_error if this CPU
+/// cannot run it.
 inline void set_isa(isa i) {
   detail::require_supported(i, "set_isa: ");
-  detail::active_isa_slot().store(i, std::memory_order_relaxed);
+  detail::forced_isa_slot().store(static_cast<int>(i), std::memory_order_relaxed);
 }
 
 }  // namespace kvattn
