@@ -446,6 +446,17 @@ TEST(AttentionErrors, BadInputsAreRejected) {
   AttentionOptions bad_threads;
   bad_threads.threads = -5;
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_threads); }, "-5");
+  bad_threads.threads = max_thread_count + 1;  // each thread would take its own scratch
+  expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_threads); }, "1025");
+  EXPECT_THROW(set_num_threads(max_thread_count + 1), config_error);
+  // The last token's row, (tokens - 1) x stride, must not wrap: 4 query tokens 2^62 floats apart.
+  AttentionOptions huge_stride;
+  huge_stride.q_stride = std::int64_t{1} << 62;
+  expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{4}, q.data(), out.data(), huge_stride); }, "q extent");
+  huge_stride.q_stride = 0;
+  huge_stride.out_stride = std::int64_t{1} << 62;
+  expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{4}, q.data(), out.data(), huge_stride); },
+               "output extent");
 }
 
 namespace {

@@ -491,6 +491,9 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, INT64_MAX, 2, kv.data(), kv.data()); },
                                       "position 9223372036854775807");
   expect_unchanged_after<shape_error>(cache, ids, [&] { cache.write(1, 0, INT64_MIN, -1, kv.data(), kv.data()); }, "-1 tokens");
+  // The last source row's offset, (tokens - 1) x stride, must not wrap: 3 tokens 2^62 floats apart.
+  expect_unchanged_after<overflow_error>(
+      cache, ids, [&] { cache.write(1, 0, 0, 3, kv.data(), kv.data(), std::int64_t{1} << 62); }, "K/V source extent");
   // The layer and the sequence are checked before the stride, as they always were.
   expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.write(77, 0, 0, 1, kv.data(), kv.data(), 5); }, "77");
   expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 1, 0, 1, kv.data(), kv.data(), 5); }, "layer 1");

@@ -385,6 +385,10 @@ class KvCache {
     } catch (...) {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
+    // The source rows read: the last token's row must be addressable without overflow.
+    std::int64_t tokens = 0;
+    for (std::int64_t n : counts) tokens = checked_add(tokens, n, "tokens written");
+    if (tokens > 0) (void)checked_add(checked_mul(tokens - 1, stride_units, "K/V source extent"), row * unit, "K/V source extent");
     Acquired acquired;
     if (copies > 0)
       acquired = acquire_blocks(copies, batch ? detail::message("copying blocks shared with forks for a batch of ", ids.size(),

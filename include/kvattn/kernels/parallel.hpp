@@ -30,10 +30,22 @@ inline int max_threads() {
 #endif
 }
 
+/// The most threads a call may ask for: each thread takes its own scratch, and a call starts as
+/// many as it has work items up to the count asked for, so an unbounded count could ask the
+/// runtime for thousands of threads.
+inline constexpr int max_thread_count = 1024;
+
+namespace detail {
+inline void check_thread_count(int n, const char* what) {
+  if (n < 0 || n > max_thread_count)
+    fail<config_error>(what, ": thread count must be in [0, ", max_thread_count, "], got ", n);
+}
+}  // namespace detail
+
 /// Sets the default thread count of kvattn calls (0: OpenMP's default), including the Eigen GEMMs
 /// of the layer operators (Eigen::setNbThreads). Attention results never depend on it.
 inline void set_num_threads(int n) {
-  if (n < 0) detail::fail<config_error>("thread count must be >= 0, got ", n);
+  detail::check_thread_count(n, "set_num_threads");
   detail::global_threads() = n;
   Eigen::setNbThreads(n);  // 0 restores Eigen's default
 }

@@ -15,7 +15,7 @@ namespace kvattn {
 /// Options shared by the attention calls.
 struct AttentionOptions {
   float scale = 0.f;             ///< logit scale; 0 means 1/sqrt(d)
-  int threads = 0;               ///< 0: the global default (set_num_threads), else this many (>= 0)
+  int threads = 0;               ///< 0: the global default (set_num_threads), else this many (<= max_thread_count)
   std::int64_t q_stride = 0;     ///< floats between query tokens; 0 means Hq x d (dense)
   std::int64_t out_stride = 0;   ///< floats between output tokens; 0 means Hq x d (dense)
   fpmath_mode fpmath = fpmath_mode::strict;  ///< arithmetic allowed on stored K/V (see fpmath_mode)
@@ -31,7 +31,7 @@ struct TokenStrides {
 /// Validates options for calls whose query and output tokens are `row` = Hq x d floats wide, and
 /// returns their token strides.
 inline TokenStrides check_options(const AttentionOptions& opt, std::int64_t row, const char* what) {
-  if (opt.threads < 0) fail<config_error>(what, ": thread count must be >= 0, got ", opt.threads);
+  check_thread_count(opt.threads, what);
   const TokenStrides s{opt.q_stride == 0 ? row : opt.q_stride, opt.out_stride == 0 ? row : opt.out_stride};
   if (s.q < row || s.out < row)
     fail<shape_error>(what, ": token strides (q ", s.q, ", out ", s.out, ") must be >= Hq x d = ", row);
@@ -66,6 +66,11 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
     offsets.push_back(checked_add(offsets.back(), counts[b], "query tokens"));
   }
   if (offsets.back() > 0 && (q == nullptr || out == nullptr)) fail<shape_error>(what, ": null q or out");
+  if (offsets.back() > 0) {  // the last token's q and output rows must be addressable without overflow
+    const std::int64_t row = std::int64_t{hq} * d, last = offsets.back() - 1;
+    (void)checked_add(checked_mul(last, strides.q, "q extent"), row, "q extent");
+    (void)checked_add(checked_mul(last, strides.out, "output extent"), row, "output extent");
+  }
   kernels::AttentionProblem pb;
   pb.slot = slot;
   pb.q_heads = hq;

@@ -85,6 +85,7 @@ class AttentionLayer {
     const Eigen::Map<const RowMatrix> X(x, tokens, d_model_);
     q_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wq, std::int64_t{hq} * d, d_model_).transpose();
     apply_rope(rope_, q_.data(), tokens, hq, d, q_.cols(), positions_.data());
+    attn_.resize(tokens, std::int64_t{hq} * d);  // before the write: one allocation less after it
     if (producer_) {
       k_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wk, std::int64_t{hkv} * d, d_model_).transpose();
       v_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wv, std::int64_t{hkv} * d, d_model_).transpose();
@@ -94,7 +95,8 @@ class AttentionLayer {
       for (std::size_t b = 0; b < seqs.size(); ++b) starts_[b] = cache.length(seqs[b]) - counts[b];
       cache.write(seqs, layer_, starts_, counts, k_.data(), v_.data());
     }
-    attn_.resize(tokens, std::int64_t{hq} * d);
+    // (The attention's and the output projection's own buffers are allocated after the write: if
+    // memory runs out there, the written K/V stay; README, Contracts.)
     prefill(cache, layer_, seqs, counts, q_.data(), attn_.data(), opt);
     Eigen::Map<RowMatrix> Y(y, tokens, d_model_);
     Y.noalias() = attn_ * Eigen::Map<const RowMatrix>(w_.wo, d_model_, std::int64_t{hq} * d).transpose();
