@@ -6,13 +6,14 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <thread>
 
 #include "reference.hpp"
 
 using namespace kvattn;
 using kvattn::testing::random_floats;
 
-// Fault injection for AttentionStack.FailedForwardLeavesTheCacheAsItWas: when a thread sets it to
+// Fault injection for the Failed... tests of the layer and the stack: when a thread sets it to
 // n >= 0, its allocation through operator new after the next n throws std::bad_alloc, once (-1:
 // none fail). Per thread: an allocation in another thread (an OpenMP worker) must not fail.
 thread_local long allocations_until_failure = -1;
@@ -210,6 +211,59 @@ TEST(AttentionLayer, FailedForwardOverForkedTokensLeavesTheCacheAsItWas) {
   EXPECT_EQ(kvattn::testing::snapshot(cache, all), before);
 }
 
+// The same forked tokens with room in the pool, while every allocation through operator new of
+// the forward fails in turn, the attention's and the output projection's buffers after the K/V
+// write included (each forward on a fresh thread, whose reused scratch starts empty): the write's
+// copies of the shared blocks are taken back, so nothing changes.
+TEST(AttentionLayer, ForwardFailingAfterItsWriteLeavesTheCacheAsItWas) {
+  std::mt19937_64 rng(9);
+  const HeadShape h(2, 1, 16);
+  const ModelConfig cfg(h, LayerSharingMap::none(1), kv_dtype::f32);
+  const Weights w(rng, 8, h);
+  const std::vector<seq_id> ids{1, 2}, all{1, 2, 3, 4};
+  const std::vector<std::int64_t> counts{2, 2};
+  const std::vector<float> x = random_floats(rng, 4 * 8, -1.f, 1.f);
+  auto prepare = [&](KvCache<PagedLayout>& cache) {
+    std::mt19937_64 fill(10);
+    for (seq_id id : {1, 2}) {
+      cache.add_sequence(id);
+      kvattn::testing::append_random(cache, id, 6, fill);
+      cache.fork_sequence(id, id + 2);
+    }
+  };
+  KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
+  prepare(reference);
+  const auto before = kvattn::testing::snapshot(reference, all);
+  std::vector<float> y(x.size()), want(x.size());
+  AttentionLayer(cfg, 0, 8, w.view()).forward(reference, ids, counts, x.data(), want.data());
+  int failures = 0;
+  for (long n = 0;; ++n) {
+    AttentionLayer layer(cfg, 0, 8, w.view());  // fresh buffers, so that every allocation is reached
+    KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
+    prepare(cache);
+    bool failed = false, none_failed = false;
+    std::thread([&] {
+      allocations_until_failure = n;
+      try {
+        layer.forward(cache, ids, counts, x.data(), y.data());
+      } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the write's planning
+        failed = true;
+      }
+      none_failed = allocations_until_failure >= 0;  // past the forward's last allocation
+      allocations_until_failure = -1;
+    }).join();
+    if (!failed) {  // (a failure an ostream swallowed, in a message, lets the call succeed)
+      EXPECT_EQ(kvattn::testing::snapshot(cache, all), kvattn::testing::snapshot(reference, all));
+      EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
+      if (none_failed) break;
+      continue;
+    }
+    ++failures;
+    ASSERT_EQ(kvattn::testing::snapshot(cache, all), before) << "allocation " << n << " failed";
+  }
+  EXPECT_GE(failures, 10);
+}
+
 TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   std::mt19937_64 rng(7);
   const int d_model = 32, n_layers = 4;
@@ -256,8 +310,8 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   EXPECT_EQ(kvattn::testing::snapshot(c3, ids), snap);  // the consumer wrote nothing
 }
 
-// Every allocation through operator new of a stack forward fails in turn (each on a fresh stack and
-// cache, so that every one is reached), while the sequence shares its last, partly filled block
+// Every allocation through operator new of a stack forward fails in turn (each on a fresh stack,
+// cache and thread, so that every one is reached), while the sequence shares its last, partly filled block
 // with a fork: the extend copies that block and takes a new one, and a failure in the layers after
 // it must give both back (blocks, bytes, the fork's sharing), not only the lengths. (The K/V
 // blocks themselves come from the cache's memory resource: KvCacheErrors tests its failures.)
@@ -291,15 +345,22 @@ TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
     AttentionStack stack(cfg, d_model, views);
     KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
     prepare(stack, cache);
-    allocations_until_failure = n;
-    try {
-      stack.forward(cache, one, three, x.data(), y.data());
+    bool failed = false, none_failed = false;
+    std::thread([&] {  // a fresh thread: its reused scratch starts empty, so those allocations fail too
+      allocations_until_failure = n;
+      try {
+        stack.forward(cache, one, three, x.data(), y.data());
+      } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the extend itself
+        failed = true;
+      }
+      none_failed = allocations_until_failure >= 0;  // past the forward's last allocation
       allocations_until_failure = -1;
+    }).join();
+    if (!failed) {  // (a failure an ostream swallowed, in a message, lets the call succeed)
       EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
       EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-      break;
-    } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the extend itself
-      allocations_until_failure = -1;
+      if (none_failed) break;
+      continue;
     }
     ++failures;
     ASSERT_EQ(kvattn::testing::snapshot(cache, both), before) << "allocation " << n << " failed";

@@ -145,11 +145,11 @@ class KvCache {
   void extend(std::span<const seq_id> ids, std::span<const std::int64_t> counts) { extend_impl(ids, counts, nullptr); }
 
  private:
-  struct ExtendRecord;
+  struct ChangeRecord;
 
   /// extend(), also recording what it did in *record if record is not null (reserved before the
   /// commit, which does not allocate).
-  void extend_impl(std::span<const seq_id> ids, std::span<const std::int64_t> counts, ExtendRecord* record) {
+  void extend_impl(std::span<const seq_id> ids, std::span<const std::int64_t> counts, ChangeRecord* record) {
     if (ids.size() != counts.size())
       detail::fail<shape_error>("extend: ", ids.size(), " sequence ids but ", counts.size(), " token counts");
     struct Plan {
@@ -234,14 +234,35 @@ class KvCache {
   /// is written, so a failure (an exhausted pool) changes nothing.
   void write(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions, std::span<const std::int64_t> counts,
              const float* k, const float* v, std::int64_t token_stride = 0) {
-    write_rows(ids, layer, positions, counts, k, v, token_stride, 1, "write",
-               [&](auto tag, std::byte* dst, const float* src) {
-                 using S = storage<decltype(tag)::value>;
-                 auto* d = reinterpret_cast<typename S::type*>(dst);
-                 for (int i = 0; i < config_.heads().head_dim(); ++i) d[i] = S::store(src[i]);
-               });
+    write_rows(ids, layer, positions, counts, k, v, token_stride, 1, "write", nullptr, float_row_writer());
   }
 
+  class ChangeGuard;
+
+  /// write() for a batch, which the returned guard takes back unless committed: the copies of
+  /// blocks shared with forks go back to their sharing and the blocks taken to where they came
+  /// from. (The rows written into blocks not copied keep their new contents: positions whose
+  /// contents were unspecified since extend, or rewritten with the same K/V.) For callers whose
+  /// work after the write may fail (AttentionLayer::forward).
+  [[nodiscard]] ChangeGuard write_guarded(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
+                                          std::span<const std::int64_t> counts, const float* k, const float* v,
+                                          std::int64_t token_stride = 0) {
+    ChangeRecord record;
+    write_rows(ids, layer, positions, counts, k, v, token_stride, 1, "write", &record, float_row_writer());
+    return ChangeGuard(this, std::move(record));
+  }
+
+ private:
+  /// write()'s row copy: f32 values rounded to the storage type (nearest even).
+  auto float_row_writer() const {
+    return [this](auto tag, std::byte* dst, const float* src) {
+      using S = storage<decltype(tag)::value>;
+      auto* d = reinterpret_cast<typename S::type*>(dst);
+      for (int i = 0; i < config_.heads().head_dim(); ++i) d[i] = S::store(src[i]);
+    };
+  }
+
+ public:
   /// Like write(), but k and v already hold the storage type's elements (f32, or the raw 16 bits of
   /// f16/bf16), [n][Hkv][d] with `token_stride` elements between tokens: for engines that convert
   /// or quantize K/V themselves. Bytes are copied as they are.
@@ -249,7 +270,7 @@ class KvCache {
                     std::int64_t token_stride = 0) {
     write_rows(std::span<const seq_id>(&id, 1), layer, std::span<const std::int64_t>(&pos, 1), std::span<const std::int64_t>(&n, 1),
                static_cast<const std::byte*>(k), static_cast<const std::byte*>(v), token_stride, dtype_bytes(config_.dtype()),
-               "write_stored",
+               "write_stored", nullptr,
                [&](auto, std::byte* dst, const std::byte* src) {
                  std::memcpy(dst, src, static_cast<std::size_t>(config_.row_bytes()));
                });
@@ -358,7 +379,7 @@ class KvCache {
   template <class Src, class Copy>
   void write_rows(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
                   std::span<const std::int64_t> counts, const Src* k, const Src* v, std::int64_t token_stride,
-                  std::int64_t unit, const char* what, Copy&& copy) {
+                  std::int64_t unit, const char* what, ChangeRecord* record, Copy&& copy) {
     const int slot = producer_slot(layer);
     if (positions.size() != ids.size() || counts.size() != ids.size())
       detail::fail<shape_error>(what, ": ", ids.size(), " sequence ids, ", positions.size(), " positions and ", counts.size(),
@@ -382,6 +403,7 @@ class KvCache {
         const auto [first, last] = written_blocks(pos, n);
         copies += copies_for(s, first, last, batch ? &dropped : nullptr);
       }
+      if (record) record->copied.reserve(static_cast<std::size_t>(copies));
     } catch (...) {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
@@ -404,7 +426,9 @@ class KvCache {
       const auto [first, last] = written_blocks(pos, n);
       for (std::int64_t i = first; i < last; ++i) {
         std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
-        if (is_shared(block)) unshare(block, acquired.blocks[next++]);
+        if (!is_shared(block)) continue;
+        if (record) record->copied.push_back({&s, static_cast<std::size_t>(i), block});  // reserved: no throw
+        unshare(block, acquired.blocks[next++]);
       }
       visit_dtype(config_.dtype(), [&](auto tag) {
         for (std::int64_t t = 0; t < n; ++t) {
@@ -419,6 +443,7 @@ class KvCache {
       });
       if (n > 0) k += n * stride_units, v += n * stride_units;
     }
+    if (record) record->acquired = std::move(acquired);
   }
 
   /// The blocks [first, last) of a sequence that tokens [pos, pos + n) lie in (none when n is 0).
@@ -560,9 +585,9 @@ class KvCache {
       resource_->deallocate(block, static_cast<std::size_t>(block_bytes_), block_alignment);
   }
 
-  /// What undo_extend needs: the sequences' lengths and block counts before, the shared blocks
+  /// What undo_change needs: the sequences' lengths and block counts before, the shared blocks
   /// that were copied (with their originals), and the blocks taken.
-  struct ExtendRecord {
+  struct ChangeRecord {
     struct Grown {
       Sequence* seq;
       std::int64_t old_length;
@@ -578,13 +603,14 @@ class KvCache {
     Acquired acquired;
   };
 
-  /// Takes back a recorded extend exactly. Never throws.
-  void undo_extend(ExtendRecord& r) noexcept {
+  /// Takes back a recorded extend or write exactly (a write's rows in blocks it did not copy
+  /// excepted). Never throws.
+  void undo_change(ChangeRecord& r) noexcept {
     for (auto c = r.copied.rbegin(); c != r.copied.rend(); ++c) {
       ++refcount_.find(c->original)->second;
       c->seq->blocks[c->index] = c->original;
     }
-    for (const typename ExtendRecord::Grown& g : r.grown) {
+    for (const typename ChangeRecord::Grown& g : r.grown) {
       live_tokens_ -= g.seq->length - g.old_length;
       g.seq->length = g.old_length;
       g.seq->blocks.erase(g.seq->blocks.begin() + static_cast<std::ptrdiff_t>(g.old_blocks), g.seq->blocks.end());
@@ -602,34 +628,36 @@ class KvCache {
   std::int64_t live_tokens_ = 0;
 
  public:
-  /// The undo of an extend_guarded(): unless commit() is called, its destructor returns the
-  /// sequences to their lengths and blocks, the blocks copied from forks to their sharing, and the
-  /// blocks taken to the free list or the memory resource they came from, in order, as if extend
-  /// had not been called. While it is live, the cache may be read, and written at the new positions;
-  /// anything else that changes sequences or blocks is not allowed.
-  class ExtendGuard {
+  /// The undo of an extend_guarded() or a write_guarded(): unless commit() is called, its destructor
+  /// returns the sequences to their lengths and blocks, the blocks copied from forks to their
+  /// sharing, and the blocks taken to the free list or the memory resource they came from, in
+  /// order, as if the call had not been made (a write's rows in blocks it did not copy keep their
+  /// new contents). While it is live, the cache may be read, and written at the new positions
+  /// (under guards of their own, destroyed first); anything else that changes sequences or blocks
+  /// is not allowed.
+  class ChangeGuard {
    public:
-    ExtendGuard(const ExtendGuard&) = delete;
-    ExtendGuard& operator=(const ExtendGuard&) = delete;
-    ~ExtendGuard() {
-      if (cache_) cache_->undo_extend(record_);
+    ChangeGuard(const ChangeGuard&) = delete;
+    ChangeGuard& operator=(const ChangeGuard&) = delete;
+    ~ChangeGuard() {
+      if (cache_) cache_->undo_change(record_);
     }
-    /// Keeps the extend.
+    /// Keeps the change.
     void commit() noexcept { cache_ = nullptr; }
 
    private:
     friend class KvCache;
-    ExtendGuard(KvCache* cache, ExtendRecord&& record) noexcept : cache_(cache), record_(std::move(record)) {}
+    ChangeGuard(KvCache* cache, ChangeRecord&& record) noexcept : cache_(cache), record_(std::move(record)) {}
     KvCache* cache_;
-    ExtendRecord record_;
+    ChangeRecord record_;
   };
 
   /// extend(ids, counts), which the returned guard takes back exactly unless committed: for callers
   /// whose work after the extend may fail (AttentionStack::forward).
-  [[nodiscard]] ExtendGuard extend_guarded(std::span<const seq_id> ids, std::span<const std::int64_t> counts) {
-    ExtendRecord record;
+  [[nodiscard]] ChangeGuard extend_guarded(std::span<const seq_id> ids, std::span<const std::int64_t> counts) {
+    ChangeRecord record;
     extend_impl(ids, counts, &record);
-    return ExtendGuard(this, std::move(record));
+    return ChangeGuard(this, std::move(record));
   }
 };
 

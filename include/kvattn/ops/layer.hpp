@@ -85,21 +85,23 @@ class AttentionLayer {
     const Eigen::Map<const RowMatrix> X(x, tokens, d_model_);
     q_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wq, std::int64_t{hq} * d, d_model_).transpose();
     apply_rope(rope_, q_.data(), tokens, hq, d, q_.cols(), positions_.data());
-    attn_.resize(tokens, std::int64_t{hq} * d);  // before the write: one allocation less after it
-    if (producer_) {
-      k_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wk, std::int64_t{hkv} * d, d_model_).transpose();
-      v_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wv, std::int64_t{hkv} * d, d_model_).transpose();
-      apply_rope(rope_, k_.data(), tokens, hkv, d, k_.cols(), positions_.data());
-      // One write for the batch: all or nothing, also where it copies blocks shared with forks.
-      starts_.resize(seqs.size());
-      for (std::size_t b = 0; b < seqs.size(); ++b) starts_[b] = cache.length(seqs[b]) - counts[b];
-      cache.write(seqs, layer_, starts_, counts, k_.data(), v_.data());
-    }
-    // (The attention's and the output projection's own buffers are allocated after the write: if
-    // memory runs out there, the written K/V stay; README, Contracts.)
-    prefill(cache, layer_, seqs, counts, q_.data(), attn_.data(), opt);
-    Eigen::Map<RowMatrix> Y(y, tokens, d_model_);
-    Y.noalias() = attn_ * Eigen::Map<const RowMatrix>(w_.wo, d_model_, std::int64_t{hq} * d).transpose();
+    attn_.resize(tokens, std::int64_t{hq} * d);
+    const auto attend_and_project = [&] {
+      prefill(cache, layer_, seqs, counts, q_.data(), attn_.data(), opt);
+      Eigen::Map<RowMatrix> Y(y, tokens, d_model_);
+      Y.noalias() = attn_ * Eigen::Map<const RowMatrix>(w_.wo, d_model_, std::int64_t{hq} * d).transpose();
+    };
+    if (!producer_) return attend_and_project();
+    k_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wk, std::int64_t{hkv} * d, d_model_).transpose();
+    v_.noalias() = X * Eigen::Map<const RowMatrix>(w_.wv, std::int64_t{hkv} * d, d_model_).transpose();
+    apply_rope(rope_, k_.data(), tokens, hkv, d, k_.cols(), positions_.data());
+    // One write for the batch: all or nothing, also where it copies blocks shared with forks; and
+    // taken back (those copies) if the attention or the output projection then fails.
+    starts_.resize(seqs.size());
+    for (std::size_t b = 0; b < seqs.size(); ++b) starts_[b] = cache.length(seqs[b]) - counts[b];
+    auto written = cache.write_guarded(seqs, layer_, starts_, counts, k_.data(), v_.data());
+    attend_and_project();
+    written.commit();
   }
 
  private:
