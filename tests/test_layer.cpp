@@ -39,6 +39,29 @@ void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
 
 namespace {
 
+/// What a call did with the n-th allocation through operator new failing (FaultRun::of).
+struct FaultRun {
+  bool threw = false;        ///< std::bad_alloc, or a kvattn error reporting it (pool_exhausted)
+  bool none_failed = false;  ///< the call made fewer than n + 1 allocations: every one was reached
+  /// Runs call() on a fresh thread, whose reused scratch buffers start empty (so their allocations
+  /// fail in turn too). A failure that an ostream swallows, in a message, lets the call succeed.
+  template <class Call>
+  static FaultRun of(long n, Call&& call) {
+    FaultRun r;
+    std::thread([&] {
+      allocations_until_failure = n;
+      try {
+        call();
+      } catch (const std::exception&) {
+        r.threw = true;
+      }
+      r.none_failed = allocations_until_failure >= 0;
+      allocations_until_failure = -1;
+    }).join();
+    return r;
+  }
+};
+
 /// Double reference of one layer over a whole sequence processed at once (causal), with RoPE.
 std::vector<double> reference_layer(const std::vector<float>& x, int tokens, int d_model, const HeadShape& h,
                                     const LayerWeights& w, const RopeConfig& rope, kv_dtype dt) {
@@ -241,21 +264,11 @@ TEST(AttentionLayer, ForwardFailingAfterItsWriteLeavesTheCacheAsItWas) {
     AttentionLayer layer(cfg, 0, 8, w.view());  // fresh buffers, so that every allocation is reached
     KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
     prepare(cache);
-    bool failed = false, none_failed = false;
-    std::thread([&] {
-      allocations_until_failure = n;
-      try {
-        layer.forward(cache, ids, counts, x.data(), y.data());
-      } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the write's planning
-        failed = true;
-      }
-      none_failed = allocations_until_failure >= 0;  // past the forward's last allocation
-      allocations_until_failure = -1;
-    }).join();
-    if (!failed) {  // (a failure an ostream swallowed, in a message, lets the call succeed)
+    const FaultRun run = FaultRun::of(n, [&] { layer.forward(cache, ids, counts, x.data(), y.data()); });
+    if (!run.threw) {
       EXPECT_EQ(kvattn::testing::snapshot(cache, all), kvattn::testing::snapshot(reference, all));
       EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-      if (none_failed) break;
+      if (run.none_failed) break;
       continue;
     }
     ++failures;
@@ -345,21 +358,11 @@ TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
     AttentionStack stack(cfg, d_model, views);
     KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
     prepare(stack, cache);
-    bool failed = false, none_failed = false;
-    std::thread([&] {  // a fresh thread: its reused scratch starts empty, so those allocations fail too
-      allocations_until_failure = n;
-      try {
-        stack.forward(cache, one, three, x.data(), y.data());
-      } catch (const std::exception&) {  // std::bad_alloc, or pool_exhausted from the extend itself
-        failed = true;
-      }
-      none_failed = allocations_until_failure >= 0;  // past the forward's last allocation
-      allocations_until_failure = -1;
-    }).join();
-    if (!failed) {  // (a failure an ostream swallowed, in a message, lets the call succeed)
+    const FaultRun run = FaultRun::of(n, [&] { stack.forward(cache, one, three, x.data(), y.data()); });
+    if (!run.threw) {
       EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
       EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-      if (none_failed) break;
+      if (run.none_failed) break;
       continue;
     }
     ++failures;
