@@ -632,7 +632,8 @@ class KvCache {
   /// returns the sequences to their lengths and blocks, the blocks copied from forks to their
   /// sharing, and the blocks taken to the free list or the memory resource they came from, in
   /// order, as if the call had not been made (a write's rows in blocks it did not copy keep their
-  /// new contents). While it is live, the cache may be read, and written at the new positions
+  /// new contents; so does a block two sequences of the batch share and both write, which the last
+  /// of them writes in place: the first gets it back with those rows, README "Errors"). While it is live, the cache may be read, and written at the new positions
   /// (under guards of their own, destroyed first); anything else that changes sequences or blocks
   /// is not allowed.
   class ChangeGuard {
