@@ -391,7 +391,7 @@ class KvCache {
     const bool batch = ids.size() > 1;  // one sequence needs no map of dropped references (no allocation)
     detail::ListedOnce listed(ids.size(), what);
     DroppedRefs dropped;
-    std::int64_t copies = 0;
+    std::int64_t copies = 0, tokens = 0;
     try {  // the bookkeeping failing is reported as pool_exhausted too
       for (std::size_t b = 0; b < ids.size(); ++b) {
         const Sequence& s = find(ids[b])->second;
@@ -400,6 +400,7 @@ class KvCache {
         if (n < 0 || pos < 0 || pos > s.length || n > s.length - pos)  // in this order, nothing overflows
           detail::fail<shape_error>(what, ": ", n, " tokens from position ", pos, " of sequence ", ids[b], " of length ", s.length);
         if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
+        tokens += n;  // no overflow: each n is within its own sequence, listed once
         const auto [first, last] = written_blocks(pos, n);
         copies += copies_for(s, first, last, batch ? &dropped : nullptr);
       }
@@ -408,8 +409,6 @@ class KvCache {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
     // The source rows read: the last token's row must be addressable without overflow.
-    std::int64_t tokens = 0;
-    for (std::int64_t n : counts) tokens = checked_add(tokens, n, "tokens written");
     if (tokens > 0) (void)checked_add(checked_mul(tokens - 1, stride_units, "K/V source extent"), row * unit, "K/V source extent");
     Acquired acquired;
     if (copies > 0)
@@ -633,9 +632,9 @@ class KvCache {
   /// sharing, and the blocks taken to the free list or the memory resource they came from, in
   /// order, as if the call had not been made (a write's rows in blocks it did not copy keep their
   /// new contents; so does a block two sequences of the batch share and both write, which the last
-  /// of them writes in place: the first gets it back with those rows, README "Errors"). While it is live, the cache may be read, and written at the new positions
-  /// (under guards of their own, destroyed first); anything else that changes sequences or blocks
-  /// is not allowed.
+  /// of them writes in place: the first gets it back with those rows, README "Errors"). While it
+  /// is live, the cache may be read, and written at the new positions (under guards of their own,
+  /// destroyed first); anything else that changes sequences or blocks is not allowed.
   class ChangeGuard {
    public:
     ChangeGuard(const ChangeGuard&) = delete;

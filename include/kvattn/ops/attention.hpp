@@ -65,8 +65,9 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
     views.push_back(v);
     offsets.push_back(checked_add(offsets.back(), counts[b], "query tokens"));
   }
-  if (offsets.back() > 0 && (q == nullptr || out == nullptr)) fail<shape_error>(what, ": null q or out");
-  if (offsets.back() > 0) {  // the last token's q and output rows must be addressable without overflow
+  if (offsets.back() > 0) {
+    if (q == nullptr || out == nullptr) fail<shape_error>(what, ": null q or out");
+    // The last token's q and output rows must be addressable without overflow.
     const std::int64_t row = std::int64_t{hq} * d, last = offsets.back() - 1;
     (void)checked_add(checked_mul(last, strides.q, "q extent"), row, "q extent");
     (void)checked_add(checked_mul(last, strides.out, "output extent"), row, "output extent");
