@@ -237,13 +237,16 @@ TEST(AttentionLayer, FailedForwardOverForkedTokensLeavesTheCacheAsItWas) {
 // The same forked tokens with room in the pool, while every allocation through operator new of
 // the forward fails in turn, the attention's and the output projection's buffers after the K/V
 // write included (each forward on a fresh thread, whose reused scratch starts empty): the write's
-// copies of the shared blocks are taken back, so nothing changes.
+// copies of the shared blocks are taken back, so nothing changes. Batches: two sequences that
+// share nothing (each shares with a fork outside the batch), then a sequence and its fork in one
+// batch, in both orders, which write different rows into the block they share: both copy it, so
+// the original the first gets back holds neither's new rows.
 TEST(AttentionLayer, ForwardFailingAfterItsWriteLeavesTheCacheAsItWas) {
   std::mt19937_64 rng(9);
   const HeadShape h(2, 1, 16);
   const ModelConfig cfg(h, LayerSharingMap::none(1), kv_dtype::f32);
   const Weights w(rng, 8, h);
-  const std::vector<seq_id> ids{1, 2}, all{1, 2, 3, 4};
+  const std::vector<seq_id> all{1, 2, 3, 4};
   const std::vector<std::int64_t> counts{2, 2};
   const std::vector<float> x = random_floats(rng, 4 * 8, -1.f, 1.f);
   auto prepare = [&](KvCache<PagedLayout>& cache) {
@@ -254,27 +257,30 @@ TEST(AttentionLayer, ForwardFailingAfterItsWriteLeavesTheCacheAsItWas) {
       cache.fork_sequence(id, id + 2);
     }
   };
-  KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
-  prepare(reference);
-  const auto before = kvattn::testing::snapshot(reference, all);
-  std::vector<float> y(x.size()), want(x.size());
-  AttentionLayer(cfg, 0, 8, w.view()).forward(reference, ids, counts, x.data(), want.data());
-  int failures = 0;
-  for (long n = 0;; ++n) {
-    AttentionLayer layer(cfg, 0, 8, w.view());  // fresh buffers, so that every allocation is reached
-    KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
-    prepare(cache);
-    const FaultRun run = FaultRun::of(n, [&] { layer.forward(cache, ids, counts, x.data(), y.data()); });
-    if (!run.threw) {
-      EXPECT_EQ(kvattn::testing::snapshot(cache, all), kvattn::testing::snapshot(reference, all));
-      EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-      if (run.none_failed) break;
-      continue;
+  for (const std::vector<seq_id>& ids : {std::vector<seq_id>{1, 2}, std::vector<seq_id>{1, 3}, std::vector<seq_id>{3, 1}}) {
+    SCOPED_TRACE(::testing::Message() << "batch " << ids[0] << ", " << ids[1]);
+    KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
+    prepare(reference);
+    const auto before = kvattn::testing::snapshot(reference, all);
+    std::vector<float> y(x.size()), want(x.size());
+    AttentionLayer(cfg, 0, 8, w.view()).forward(reference, ids, counts, x.data(), want.data());
+    int failures = 0;
+    for (long n = 0;; ++n) {
+      AttentionLayer layer(cfg, 0, 8, w.view());  // fresh buffers, so that every allocation is reached
+      KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
+      prepare(cache);
+      const FaultRun run = FaultRun::of(n, [&] { layer.forward(cache, ids, counts, x.data(), y.data()); });
+      if (!run.threw) {
+        EXPECT_EQ(kvattn::testing::snapshot(cache, all), kvattn::testing::snapshot(reference, all));
+        EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
+        if (run.none_failed) break;
+        continue;
+      }
+      ++failures;
+      ASSERT_EQ(kvattn::testing::snapshot(cache, all), before) << "allocation " << n << " failed";
     }
-    ++failures;
-    ASSERT_EQ(kvattn::testing::snapshot(cache, all), before) << "allocation " << n << " failed";
+    EXPECT_GE(failures, 10);
   }
-  EXPECT_GE(failures, 10);
 }
 
 TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
@@ -326,8 +332,10 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
 // Every allocation through operator new of a stack forward fails in turn (each on a fresh stack,
 // cache and thread, so that every one is reached), while the sequence shares its last, partly filled block
 // with a fork: the extend copies that block and takes a new one, and a failure in the layers after
-// it must give both back (blocks, bytes, the fork's sharing), not only the lengths. (The K/V
-// blocks themselves come from the cache's memory resource: KvCacheErrors tests its failures.)
+// it must give both back (blocks, bytes, the fork's sharing), not only the lengths. Then with the
+// fork truncated back by a token and both in the batch (in both orders): each writes the block
+// they share at a position the other reads, so both must copy it for the undo to be exact. (The
+// K/V blocks themselves come from the cache's memory resource: KvCacheErrors tests its failures.)
 TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
   std::mt19937_64 rng(9);
   const HeadShape h(4, 2, 16);
@@ -337,38 +345,47 @@ TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
   std::vector<LayerWeights> views;
   for (int l = 0; l < 4; ++l) w.emplace_back(rng, d_model, h);
   for (const Weights& wl : w) views.push_back(wl.view());
-  const std::vector<float> prompt = random_floats(rng, 6 * d_model, -1.f, 1.f), x = random_floats(rng, 3 * d_model, -1.f, 1.f);
+  const std::vector<float> prompt = random_floats(rng, 6 * d_model, -1.f, 1.f), x = random_floats(rng, 6 * d_model, -1.f, 1.f);
   const std::vector<seq_id> one{1}, both{1, 2};
-  const std::vector<std::int64_t> six{6}, three{3};
-  auto prepare = [&](AttentionStack& stack, KvCache<PagedLayout>& cache) {
-    cache.add_sequence(1);
-    std::vector<float> y(prompt.size());
-    stack.forward(cache, one, six, prompt.data(), y.data());  // blocks 0 and 1 (2 of its 4 tokens)
-    cache.fork_sequence(1, 2);
+  const std::vector<std::int64_t> six{6};
+  struct Batch {
+    std::vector<seq_id> ids;
+    std::vector<std::int64_t> counts;
+    std::int64_t fork_length;  // the fork truncated to this many tokens
   };
-  AttentionStack reference_stack(cfg, d_model, views);
-  KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
-  prepare(reference_stack, reference);
-  const auto before = kvattn::testing::snapshot(reference, both);
-  std::vector<float> y(x.size()), want(x.size());
-  reference_stack.forward(reference, one, three, x.data(), want.data());
+  for (const Batch& batch : {Batch{one, {3}, 6}, Batch{both, {3, 3}, 5}, Batch{{2, 1}, {2, 1}, 5}}) {
+    SCOPED_TRACE(::testing::Message() << batch.ids.size() << " sequence(s), fork of length " << batch.fork_length);
+    auto prepare = [&](AttentionStack& stack, KvCache<PagedLayout>& cache) {
+      cache.add_sequence(1);
+      std::vector<float> y(prompt.size());
+      stack.forward(cache, one, six, prompt.data(), y.data());  // blocks 0 and 1 (2 of its 4 tokens)
+      cache.fork_sequence(1, 2);
+      cache.truncate(2, batch.fork_length);
+    };
+    AttentionStack reference_stack(cfg, d_model, views);
+    KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
+    prepare(reference_stack, reference);
+    const auto before = kvattn::testing::snapshot(reference, both);
+    std::vector<float> y(x.size()), want(x.size());
+    reference_stack.forward(reference, batch.ids, batch.counts, x.data(), want.data());
 
-  int failures = 0;
-  for (long n = 0;; ++n) {
-    AttentionStack stack(cfg, d_model, views);
-    KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
-    prepare(stack, cache);
-    const FaultRun run = FaultRun::of(n, [&] { stack.forward(cache, one, three, x.data(), y.data()); });
-    if (!run.threw) {
-      EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
-      EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-      if (run.none_failed) break;
-      continue;
+    int failures = 0;
+    for (long n = 0;; ++n) {
+      AttentionStack stack(cfg, d_model, views);
+      KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
+      prepare(stack, cache);
+      const FaultRun run = FaultRun::of(n, [&] { stack.forward(cache, batch.ids, batch.counts, x.data(), y.data()); });
+      if (!run.threw) {
+        EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
+        EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
+        if (run.none_failed) break;
+        continue;
+      }
+      ++failures;
+      ASSERT_EQ(kvattn::testing::snapshot(cache, both), before) << "allocation " << n << " failed";
     }
-    ++failures;
-    ASSERT_EQ(kvattn::testing::snapshot(cache, both), before) << "allocation " << n << " failed";
+    EXPECT_GE(failures, 10);
   }
-  EXPECT_GE(failures, 10);
 }
 
 TEST(AttentionStack, FailedForwardRestoresLengths) {

@@ -179,7 +179,7 @@ class KvCache {
         if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
           p.first_cow = s.length / layout_.block_tokens();
           p.last_cow = std::min(have, want);
-          copies += copies_for(s, p.first_cow, p.last_cow, &dropped);
+          copies += copies_for(s, p.first_cow, p.last_cow, record == nullptr ? &dropped : nullptr);
         }
         needed = checked_add(needed, p.new_blocks, "blocks to add");
         plans.push_back(p);
@@ -203,13 +203,12 @@ class KvCache {
     }
     // Commit: nothing below throws.
     std::size_t next = 0;
+    if (record) {
+      for (const Plan& p : plans) record_shared(*p.seq, p.first_cow, p.last_cow, *record);
+      next = unshare_recorded(*record, fresh);
+    }
     for (const Plan& p : plans) {
-      for (std::int64_t b = p.first_cow; b < p.last_cow; ++b) {
-        std::byte*& slot = p.seq->blocks[static_cast<std::size_t>(b)];
-        if (!is_shared(slot)) continue;
-        if (record) record->copied.push_back({p.seq, static_cast<std::size_t>(b), slot});
-        unshare(slot, fresh[next++]);
-      }
+      if (!record) next = unshare_in_batch_order(*p.seq, p.first_cow, p.last_cow, fresh, next);
       if (record) record->grown.push_back({p.seq, p.seq->length, p.seq->blocks.size()});
       for (std::int64_t b = 0; b < p.new_blocks; ++b) p.seq->blocks.push_back(fresh[next++]);
       live_tokens_ += p.new_length - p.seq->length;
@@ -241,9 +240,9 @@ class KvCache {
 
   /// write() for a batch, which the returned guard takes back unless committed: the copies of
   /// blocks shared with forks go back to their sharing and the blocks taken to where they came
-  /// from. (The rows written into blocks not copied keep their new contents: positions whose
-  /// contents were unspecified since extend, or rewritten with the same K/V.) For callers whose
-  /// work after the write may fail (AttentionLayer::forward).
+  /// from. (The rows written into blocks not copied, which no other sequence shares, keep their new
+  /// contents: positions whose contents were unspecified since extend, or rewritten with the same
+  /// K/V.) For callers whose work after the write may fail (AttentionLayer::forward).
   [[nodiscard]] ChangeGuard write_guarded(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
                                           std::span<const std::int64_t> counts, const float* k, const float* v,
                                           std::int64_t token_stride = 0) {
@@ -402,7 +401,7 @@ class KvCache {
         if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
         tokens += n;  // no overflow: each n is within its own sequence, listed once
         const auto [first, last] = written_blocks(pos, n);
-        copies += copies_for(s, first, last, batch ? &dropped : nullptr);
+        copies += copies_for(s, first, last, batch && record == nullptr ? &dropped : nullptr);
       }
       if (record) record->copied.reserve(static_cast<std::size_t>(copies));
     } catch (...) {
@@ -417,17 +416,21 @@ class KvCache {
                                               : detail::message("copying sequence ", ids[0], "'s blocks shared with a fork"));
     // Commit: nothing below throws.
     std::size_t next = 0;
+    if (record) {
+      for (std::size_t b = 0; b < ids.size(); ++b) {
+        const auto [first, last] = written_blocks(positions[b], counts[b]);
+        record_shared(find(ids[b])->second, first, last, *record);
+      }
+      next = unshare_recorded(*record, acquired.blocks);
+    }
     const KvSlotView sv = slot_view_of(slot);
     const std::int64_t head_units = std::int64_t{sv.head_dim} * unit;
     for (std::size_t b = 0; b < ids.size(); ++b) {
       Sequence& s = find(ids[b])->second;
       const std::int64_t pos = positions[b], n = counts[b];
-      const auto [first, last] = written_blocks(pos, n);
-      for (std::int64_t i = first; i < last; ++i) {
-        std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
-        if (!is_shared(block)) continue;
-        if (record) record->copied.push_back({&s, static_cast<std::size_t>(i), block});  // reserved: no throw
-        unshare(block, acquired.blocks[next++]);
+      if (!record) {
+        const auto [first, last] = written_blocks(pos, n);
+        next = unshare_in_batch_order(s, first, last, acquired.blocks, next);
       }
       visit_dtype(config_.dtype(), [&](auto tag) {
         for (std::int64_t t = 0; t < n; ++t) {
@@ -455,9 +458,10 @@ class KvCache {
   using DroppedRefs = std::unordered_map<std::byte*, std::int32_t>;
 
   /// How many of s.blocks[first, last) a write copies: those shared with another sequence once the
-  /// references that earlier sequences of the batch drop are taken off (`dropped`, updated; null
-  /// for a batch of one), so a block shared only by the batch's sequences is copied by all but the
-  /// last of them. The planned twin of the commit's is_shared() test, which runs in batch order.
+  /// references that earlier sequences of the batch drop are taken off (`dropped`, updated), so a
+  /// block shared only by the batch's sequences is copied by all but the last of them: the planned
+  /// twin of unshare_in_batch_order. With `dropped` null (a batch of one, or a guarded call, which
+  /// copies every block shared at its start: record_shared), those shared now.
   std::int64_t copies_for(const Sequence& s, std::int64_t first, std::int64_t last, DroppedRefs* dropped) const {
     std::int64_t copies = 0;
     for (std::int64_t b = first; b < last; ++b) {
@@ -493,8 +497,33 @@ class KvCache {
 
   bool is_shared(std::byte* block) const { return refcount_.find(block)->second > 1; }
 
+  /// An unguarded write's copies, sequence by sequence in batch order: a block still shared is
+  /// copied, so the last of the batch's sharers writes the original in place. Returns the next
+  /// unused block of `fresh`. Never throws.
+  std::size_t unshare_in_batch_order(Sequence& s, std::int64_t first, std::int64_t last, const std::vector<std::byte*>& fresh,
+                                     std::size_t next) noexcept {
+    for (std::int64_t i = first; i < last; ++i)
+      if (std::byte*& block = s.blocks[static_cast<std::size_t>(i)]; is_shared(block)) unshare(block, fresh[next++]);
+    return next;
+  }
+
+  /// A guarded write's copies, first listed for the whole batch (r.copied, reserved: no throw) and
+  /// then made (unshare_recorded), so every sharer copies and no shared original is written: undo
+  /// then gives each sharer the original as it was. An original left with no reference stays
+  /// allocated until the guard commits (release_unreferenced).
+  void record_shared(Sequence& s, std::int64_t first, std::int64_t last, ChangeRecord& r) const noexcept {
+    for (std::int64_t i = first; i < last; ++i)
+      if (std::byte* block = s.blocks[static_cast<std::size_t>(i)]; is_shared(block))
+        r.copied.push_back({&s, static_cast<std::size_t>(i), block});
+  }
+  std::size_t unshare_recorded(ChangeRecord& r, const std::vector<std::byte*>& fresh) noexcept {
+    std::size_t next = 0;
+    for (const typename ChangeRecord::Copied& c : r.copied) unshare(c.seq->blocks[c.index], fresh[next++]);
+    return next;
+  }
+
   /// Copies a shared block into `fresh` (acquired, refcount 1) and points `block` at the copy,
-  /// dropping one reference to the original. Never throws.
+  /// dropping one reference to the original (to 0 only in a guarded call). Never throws.
   void unshare(std::byte*& block, std::byte* fresh) noexcept {
     std::memcpy(fresh, block, static_cast<std::size_t>(block_bytes_));
     --refcount_.find(block)->second;
@@ -576,7 +605,18 @@ class KvCache {
   /// Drops one reference; the last one sends the block to the free list or the resource. Never throws.
   void release_block(std::byte* block) noexcept {
     auto it = refcount_.find(block);
-    if (--it->second > 0) return;
+    if (--it->second == 0) free_unreferenced(it);
+  }
+
+  /// A committed guard's originals that no sequence references any more go where release_block
+  /// sends them (each once: the first frees it, later entries no longer find it). Never throws.
+  void release_unreferenced(const ChangeRecord& r) noexcept {
+    for (const typename ChangeRecord::Copied& c : r.copied)
+      if (auto it = refcount_.find(c.original); it != refcount_.end() && it->second == 0) free_unreferenced(it);
+  }
+
+  void free_unreferenced(typename std::unordered_map<std::byte*, std::int32_t>::iterator it) noexcept {
+    std::byte* block = it->first;
     refcount_.erase(it);
     if (layout_.keeps_free_blocks())
       free_.push_back(block);  // capacity reserved in acquire_blocks
@@ -631,10 +671,12 @@ class KvCache {
   /// returns the sequences to their lengths and blocks, the blocks copied from forks to their
   /// sharing, and the blocks taken to the free list or the memory resource they came from, in
   /// order, as if the call had not been made (a write's rows in blocks it did not copy keep their
-  /// new contents; so does a block two sequences of the batch share and both write, which the last
-  /// of them writes in place: the first gets it back with those rows, README "Errors"). While it
-  /// is live, the cache may be read, and written at the new positions (under guards of their own,
-  /// destroyed first); anything else that changes sequences or blocks is not allowed.
+  /// new contents: only blocks no other sequence shares). A guarded call copies every block shared
+  /// at its start that it writes, also for the last of the batch's sequences sharing it, so no
+  /// shared original is written; an original left unreferenced stays allocated (counted in
+  /// blocks_in_use and reserved_bytes) until commit() frees it. While the guard is live, the cache
+  /// may be read, and written at the new positions (under guards of their own, destroyed first);
+  /// anything else that changes sequences or blocks is not allowed.
   class ChangeGuard {
    public:
     ChangeGuard(const ChangeGuard&) = delete;
@@ -642,8 +684,11 @@ class KvCache {
     ~ChangeGuard() {
       if (cache_) cache_->undo_change(record_);
     }
-    /// Keeps the change.
-    void commit() noexcept { cache_ = nullptr; }
+    /// Keeps the change, freeing the originals no sequence references any more.
+    void commit() noexcept {
+      if (cache_) cache_->release_unreferenced(record_);
+      cache_ = nullptr;
+    }
 
    private:
     friend class KvCache;
