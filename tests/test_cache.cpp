@@ -2,8 +2,10 @@
 // fork with copy-on-write, pluggable memory resources, and errors that leave the cache unchanged.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <memory_resource>
 
@@ -517,4 +519,187 @@ TEST(KvCacheErrors, InvalidLayouts) {
   EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16}, nullptr), config_error);
   // Block bytes that overflow 64 bits.
   EXPECT_THROW(KvCache<ContiguousLayout>(small_config(), ContiguousLayout{std::int64_t{1} << 60}), overflow_error);
+}
+
+// ---- random operations against a model ----------------------------------------------------------
+
+namespace {
+
+/// What each sequence should hold: per token and producer slot, the tag its K/V rows were written
+/// with (every K element = tag, every V element = -tag), 0 where the contents are unspecified.
+using ModelTokens = std::vector<std::array<float, 2>>;
+
+/// Random calls (add, fork, remove, truncate, batch extend and write, their guarded forms committed
+/// or taken back, the resource failing now and then) on a cache of small_config (f32: tags are
+/// exact; producers 0 and 2), each checked against the model: a call that succeeds does what the
+/// model says, one that fails (pool_exhausted, capacity_error) leaves the cache exactly as it was,
+/// and the bytes held always equal what the memory resource handed out.
+template <KvLayoutPolicy Layout>
+void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
+  std::mt19937_64 rng(seed);
+  CountingResource res;
+  KvCache<Layout> cache(small_config(kv_dtype::f32), layout, &res);
+  constexpr int producers[2] = {0, 2}, row = 2 * 16;
+  std::map<seq_id, ModelTokens> model;
+  float next_tag = 1;
+  seq_id next_id = 1;
+  auto uniform = [&](std::int64_t lo, std::int64_t hi) { return std::uniform_int_distribution<std::int64_t>(lo, hi)(rng); };
+  auto ids = [&] {
+    std::vector<seq_id> out;
+    for (const auto& [id, tokens] : model) out.push_back(id);
+    return out;
+  };
+  auto some_ids = [&] {  // 1 to 3 distinct sequences, in random order
+    std::vector<seq_id> all = ids();
+    std::shuffle(all.begin(), all.end(), rng);
+    all.resize(static_cast<std::size_t>(uniform(1, std::min<std::int64_t>(3, std::ssize(all)))));
+    return all;
+  };
+  // Rows for counts[b] tokens of each listed sequence, each token a fresh tag.
+  struct Rows {
+    std::vector<float> k, v, tags;
+  };
+  auto rows_for = [&](const std::vector<std::int64_t>& counts) {
+    Rows r;
+    for (std::int64_t n : counts)
+      for (std::int64_t t = 0; t < n; ++t) {
+        r.tags.push_back(next_tag);
+        r.k.insert(r.k.end(), row, next_tag);
+        r.v.insert(r.v.end(), row, -next_tag);
+        ++next_tag;
+      }
+    return r;
+  };
+  // The model after writing `rows` at positions[b] of ids[b] into slot `slot`.
+  auto written = [&](std::map<seq_id, ModelTokens> m, const std::vector<seq_id>& batch, int slot,
+                     const std::vector<std::int64_t>& positions, const std::vector<std::int64_t>& counts, const Rows& rows) {
+    std::size_t next = 0;
+    for (std::size_t b = 0; b < batch.size(); ++b)
+      for (std::int64_t t = 0; t < counts[b]; ++t) m[batch[b]][static_cast<std::size_t>(positions[b] + t)][slot] = rows.tags[next++];
+    return m;
+  };
+  auto check = [&](const char* after) {
+    SCOPED_TRACE(after);
+    ASSERT_EQ(cache.num_sequences(), model.size());
+    std::int64_t live = 0;
+    std::vector<float> k(row), v(row);
+    for (const auto& [id, tokens] : model) {
+      ASSERT_EQ(cache.length(id), std::ssize(tokens)) << "sequence " << id;
+      live += std::ssize(tokens);
+      for (std::size_t t = 0; t < tokens.size(); ++t)
+        for (int slot = 0; slot < 2; ++slot) {
+          if (tokens[t][slot] == 0) continue;
+          cache.read(id, producers[slot] + 1, static_cast<std::int64_t>(t), k.data(), v.data());  // the consumer reads it
+          for (int i = 0; i < row; ++i)
+            ASSERT_TRUE(k[i] == tokens[t][slot] && v[i] == -tokens[t][slot])
+                << "sequence " << id << " token " << t << " slot " << slot << ": " << k[i] << " for " << tokens[t][slot];
+        }
+    }
+    EXPECT_EQ(cache.live_tokens(), live);
+    EXPECT_EQ(cache.reserved_bytes(), res.bytes);
+  };
+
+  for (int step = 0; step < steps; ++step) {
+    const std::vector<seq_id> all = ids();
+    const auto before = snapshot(cache, all);
+    std::map<seq_id, ModelTokens> next = model;
+    const int op = model.empty() ? 0 : static_cast<int>(uniform(0, 9));
+    if (uniform(0, 9) == 0) res.fail_after = res.allocations + uniform(0, 1);
+    try {
+      if (op == 0 && model.size() < 8) {
+        cache.add_sequence(next_id);
+        next[next_id++];
+      } else if (op == 1 && model.size() < 8) {
+        const seq_id src = all[static_cast<std::size_t>(uniform(0, std::ssize(all) - 1))];
+        cache.fork_sequence(src, next_id);
+        next[next_id++] = model[src];
+      } else if (op == 2) {
+        const seq_id id = all[static_cast<std::size_t>(uniform(0, std::ssize(all) - 1))];
+        cache.remove_sequence(id);
+        next.erase(id);
+      } else if (op == 3) {
+        const seq_id id = all[static_cast<std::size_t>(uniform(0, std::ssize(all) - 1))];
+        const std::int64_t n = uniform(0, std::ssize(model[id]));
+        cache.truncate(id, n);
+        next[id].resize(static_cast<std::size_t>(n));
+      } else if (op == 4 || op == 5) {  // extend, or a guarded extend whose new positions are written
+        const std::vector<seq_id> batch = some_ids();
+        std::vector<std::int64_t> counts, positions;
+        for (seq_id id : batch) counts.push_back(uniform(0, 6)), positions.push_back(std::ssize(model[id]));
+        for (std::size_t b = 0; b < batch.size(); ++b) next[batch[b]].resize(static_cast<std::size_t>(positions[b] + counts[b]));
+        if (op == 4) {
+          cache.extend(batch, counts);
+        } else {
+          auto guard = cache.extend_guarded(batch, counts);
+          for (int slot = 0; slot < 2; ++slot) {  // as AttentionStack::forward: each layer's write guarded too
+            const Rows rows = rows_for(counts);
+            auto write = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
+            write.commit();
+            next = written(next, batch, slot, positions, counts, rows);
+          }
+          if (uniform(0, 1) == 0) {
+            guard.commit();
+          } else {
+            next = model;
+          }
+        }
+      } else if (op >= 6) {  // a write over existing positions, plain or guarded (committed or not)
+        const std::vector<seq_id> batch = some_ids();
+        std::vector<std::int64_t> counts, positions;
+        for (seq_id id : batch) {
+          const std::int64_t length = std::ssize(model[id]), pos = uniform(0, length);
+          positions.push_back(pos);
+          counts.push_back(uniform(0, std::min<std::int64_t>(6, length - pos)));
+        }
+        const int slot = static_cast<int>(uniform(0, 1));
+        const Rows rows = rows_for(counts);
+        if (op == 6) {
+          cache.write(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
+          next = written(next, batch, slot, positions, counts, rows);
+        } else {
+          auto guard = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
+          if (op == 7) {
+            guard.commit();
+            next = written(next, batch, slot, positions, counts, rows);
+          } else {
+            // Taken back: the writers' rows in blocks no one else shared keep their new contents
+            // (unspecified); every other row is as it was.
+            for (std::size_t b = 0; b < batch.size(); ++b)
+              for (std::int64_t t = 0; t < counts[b]; ++t) next[batch[b]][static_cast<std::size_t>(positions[b] + t)][slot] = 0;
+          }
+        }
+      }
+      res.fail_after = -1;
+    } catch (const pool_exhausted&) {
+      res.fail_after = -1;
+      ASSERT_EQ(snapshot(cache, all), before) << "step " << step << ", operation " << op;
+      continue;
+    } catch (const capacity_error&) {
+      res.fail_after = -1;
+      ASSERT_EQ(snapshot(cache, all), before) << "step " << step << ", operation " << op;
+      continue;
+    }
+    model = std::move(next);
+    check(("step " + std::to_string(step) + ", operation " + std::to_string(op)).c_str());
+    if (::testing::Test::HasFatalFailure()) return;
+    if (uniform(0, 49) == 0) {
+      cache.release_free_blocks();
+      EXPECT_EQ(cache.free_blocks(), 0);
+    }
+  }
+  for (seq_id id : ids()) cache.remove_sequence(id);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+  cache.release_free_blocks();
+  EXPECT_EQ(res.bytes, 0);
+}
+
+}  // namespace
+
+TEST(KvCache, RandomOperationsMatchAModel) {
+  for (std::uint64_t seed = 1; seed <= 3; ++seed) {
+    SCOPED_TRACE(::testing::Message() << "seed " << seed);
+    run_random_operations(PagedLayout{4, 14}, seed, 1500);
+    run_random_operations(ContiguousLayout{.max_tokens = 16, .max_sequences = 5}, seed, 1500);
+    run_random_operations(ReservedPagedLayout{}, seed, 1500);
+  }
 }
