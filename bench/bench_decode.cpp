@@ -348,11 +348,10 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   state.SetLabel("f32");
 }
 
-/// Restores the active ISA path when a benchmark that forced one ends.
+/// Forces an ISA path for one benchmark, then goes back to the default (KVATTN_ISA or the fastest).
 struct ForcedIsa {
-  kvattn::isa previous = kvattn::active_isa();
   explicit ForcedIsa(kvattn::isa i) { kvattn::set_isa(i); }
-  ~ForcedIsa() { kvattn::set_isa(previous); }
+  ~ForcedIsa() { kvattn::reset_isa(); }
 };
 
 /// The decode shapes D1..D5 (Hq 32, d 128) for every storage type, ISA path and thread

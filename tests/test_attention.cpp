@@ -134,12 +134,8 @@ void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
 /// Runs a test body once per ISA path this CPU supports, forcing the path (KVATTN_ISA's C++ twin).
 class PerIsa : public ::testing::TestWithParam<isa> {
  protected:
-  void SetUp() override {
-    previous_ = active_isa();
-    set_isa(GetParam());
-  }
-  void TearDown() override { set_isa(previous_); }
-  isa previous_ = isa::scalar;
+  void SetUp() override { set_isa(GetParam()); }
+  void TearDown() override { reset_isa(); }
 };
 
 INSTANTIATE_TEST_SUITE_P(Isa, PerIsa, ::testing::ValuesIn(supported_isas()),
@@ -344,6 +340,17 @@ TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   }
 }
 
+TEST(Isa, ResetIsaGoesBackToTheDefaultPath) {
+  const char* env = std::getenv("KVATTN_ISA");
+  if (env != nullptr && *env != '\0') GTEST_SKIP() << "the default path is KVATTN_ISA's";
+  const isa fastest = supported_isas().back();
+  EXPECT_EQ(active_isa(), fastest);
+  set_isa(isa::scalar);
+  EXPECT_EQ(active_isa(), isa::scalar);
+  reset_isa();
+  EXPECT_EQ(active_isa(), fastest);
+}
+
 // Run by ctest as test_attention_bad_isa_environment, with KVATTN_ISA=AVX2 (case matters: no such
 // path): every call names the variable and its value, and set_isa still forces a path over it.
 TEST(IsaEnvironment, AnUnusableValueIsNamedAndSetIsaOverridesIt) {
@@ -359,6 +366,8 @@ TEST(IsaEnvironment, AnUnusableValueIsNamedAndSetIsaOverridesIt) {
   }
   set_isa(isa::scalar);
   EXPECT_EQ(active_isa(), isa::scalar);
+  reset_isa();  // the environment's path again: still unusable
+  EXPECT_THROW((void)active_isa(), config_error);
 }
 
 TEST(Attention, StaticHeadLayoutMatchesDynamic) {

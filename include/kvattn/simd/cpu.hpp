@@ -141,4 +141,7 @@ inline void set_isa(isa i) {
   detail::forced_isa_slot().store(static_cast<int>(i), std::memory_order_relaxed);
 }
 
+/// Undoes set_isa: kernels use KVATTN_ISA's path again, or the fastest supported.
+inline void reset_isa() noexcept { detail::forced_isa_slot().store(-1, std::memory_order_relaxed); }
+
 }  // namespace kvattn
