@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <memory_resource>
+#include <tuple>
 
 #include "reference.hpp"
 
@@ -297,9 +298,7 @@ TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
   // pool that has free blocks, and on a contiguous cache whose blocks go back to the resource: a
   // guard destroyed without commit() gives back the copies of shared blocks, the new blocks (to the
   // free list or the resource they came from), the lengths and the contents; a committed one keeps
-  // what extend does, with one block more taken: the guard copies the block 5 and 6 share for both
-  // (a plain extend lets the last sharer write in place), and commit frees the original (to the
-  // paged pool's free list).
+  // what extend does, with the same blocks taken.
   auto run = [](auto layout) {
     std::mt19937_64 rng(10);
     CountingResource res, res_plain;
@@ -319,7 +318,8 @@ TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
       append_random(*c, 5, 2, same);
       c->fork_sequence(5, 6);  // 5 and 6 share a block only with each other
     }
-    // 2 and 1 copy the block they share with 3 (listed, growing by 0); 5 and 6 copy theirs.
+    // 2 and 1 copy the block they share with 3 (listed, growing by 0); 5 copies, 6 (as long, listed
+    // later) keeps it.
     const std::vector<seq_id> all{1, 2, 3, 4, 5, 6}, batch{2, 1, 4, 3, 5, 6};
     const std::vector<std::int64_t> counts{3, 1, 6, 0, 1, 1};
     const auto before = snapshot(cache, all);
@@ -342,14 +342,53 @@ TEST(KvCache, ExtendGuardTakesTheExtendBackExactlyUnlessCommitted) {
     }
     plain.extend(batch, counts);
     const auto kept = snapshot(cache, all);
-    const std::int64_t freed = cache.layout().keeps_free_blocks() ? 1 : 0;  // the original of 5 and 6
     EXPECT_EQ(kept.lengths, snapshot(plain, all).lengths);
     EXPECT_EQ(kept.in_use, plain.blocks_in_use());
-    EXPECT_EQ(kept.free, plain.free_blocks() + freed);
-    EXPECT_EQ(res.bytes, res_plain.bytes + freed * cache.block_bytes());
+    EXPECT_EQ(kept.free, plain.free_blocks());
+    EXPECT_EQ(res.bytes, res_plain.bytes);
   };
   run(PagedLayout{4, 32});
   run(ContiguousLayout{.max_tokens = 16, .max_sequences = 8});
+}
+
+TEST(KvCache, GuardedCallsTakeNoMoreBlocksThanPlainOnes) {
+  // A contiguous cache of two sequences, full once a fork of sequence 1 gets its own block: a guarded
+  // extend or write of the pair needs one copy, as a plain one does (the longer sequence, or the
+  // last listed of equals, keeps the shared block), and taking it back restores every row (a
+  // write's overwritten rows in the kept block come back from the guard's own copy of them).
+  std::mt19937_64 rng(12);
+  using Cache = KvCache<ContiguousLayout>;
+  const std::vector<seq_id> both{1, 2}, reversed{2, 1};
+  auto prepare = [&](Cache& cache, std::int64_t fork_length) {
+    cache.add_sequence(1);
+    append_random(cache, 1, 3, rng);
+    cache.fork_sequence(1, 2);
+    cache.truncate(2, fork_length);
+  };
+  for (const std::vector<seq_id>* batch : {&both, &reversed})
+    for (std::int64_t fork_length : {3, 2}) {
+      SCOPED_TRACE(::testing::Message() << "batch from " << batch->front() << ", fork of length " << fork_length);
+      Cache cache(small_config(kv_dtype::f32), ContiguousLayout{8, 2});
+      prepare(cache, fork_length);
+      const auto before = snapshot(cache, both);
+      const std::vector<float> kv = kvattn::testing::random_floats(rng, 2 * 2 * 32);
+      {
+        auto grown = cache.extend_guarded(*batch, std::vector<std::int64_t>{1, 1});
+        EXPECT_EQ(cache.blocks_in_use(), 2);
+        const std::vector<std::int64_t> positions{cache.length((*batch)[0]) - 1, cache.length((*batch)[1]) - 1}, ones{1, 1};
+        cache.write_guarded(*batch, 0, positions, ones, kv.data(), kv.data()).commit();
+      }
+      EXPECT_EQ(snapshot(cache, both), before);
+      {
+        const std::vector<std::int64_t> starts{0, 0}, counts{2, 2};
+        auto written = cache.write_guarded(*batch, 2, starts, counts, kv.data(), kv.data());
+        EXPECT_EQ(cache.blocks_in_use(), 2);
+      }
+      EXPECT_EQ(snapshot(cache, both), before);
+      cache.extend_guarded(*batch, std::vector<std::int64_t>{1, 1}).commit();
+      EXPECT_EQ(cache.length(1), 4);
+      EXPECT_EQ(cache.length(2), fork_length + 1);
+    }
 }
 
 TEST(KvCache, ConsumerLayersWriteNothing) {
@@ -603,16 +642,21 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
     const std::vector<seq_id> all = ids();
     const auto before = snapshot(cache, all);
     std::map<seq_id, ModelTokens> next = model;
-    const int op = model.empty() ? 0 : static_cast<int>(uniform(0, 9));
+    const int op = model.empty() ? 0 : static_cast<int>(uniform(0, 10));
     if (uniform(0, 9) == 0) res.fail_after = res.allocations + uniform(0, 1);
     try {
       if (op == 0 && model.size() < 8) {
         cache.add_sequence(next_id);
         next[next_id++];
-      } else if (op == 1 && model.size() < 8) {
+      } else if ((op == 1 || op == 10) && model.size() < 8) {  // a fork, or one truncated back a little
         const seq_id src = all[static_cast<std::size_t>(uniform(0, std::ssize(all) - 1))];
         cache.fork_sequence(src, next_id);
-        next[next_id++] = model[src];
+        ModelTokens tokens = model[src];
+        if (op == 10) {
+          tokens.resize(static_cast<std::size_t>(std::max<std::int64_t>(0, std::ssize(tokens) - uniform(1, 3))));
+          cache.truncate(next_id, std::ssize(tokens));  // throws nothing
+        }
+        next[next_id++] = std::move(tokens);
       } else if (op == 2) {
         const seq_id id = all[static_cast<std::size_t>(uniform(0, std::ssize(all) - 1))];
         cache.remove_sequence(id);
@@ -634,8 +678,10 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
           for (int slot = 0; slot < 2; ++slot) {  // as AttentionStack::forward: each layer's write guarded too
             const Rows rows = rows_for(counts);
             auto write = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
-            write.commit();
-            next = written(next, batch, slot, positions, counts, rows);
+            if (uniform(0, 3) > 0) {
+              write.commit();
+              next = written(next, batch, slot, positions, counts, rows);
+            }  // else taken back: the new positions stay unspecified
           }
           if (uniform(0, 1) == 0) {
             guard.commit();
@@ -670,6 +716,13 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
         }
       }
       res.fail_after = -1;
+      if (op == 5 && next == model) {  // an extend taken back: everything as it was
+        ASSERT_EQ(snapshot(cache, all), before) << "step " << step;
+      } else if (op == 9) {  // a write taken back: the blocks and bytes as they were
+        const auto now = snapshot(cache, all);
+        ASSERT_EQ(std::tie(now.reserved, now.live, now.in_use, now.free), std::tie(before.reserved, before.live, before.in_use, before.free))
+            << "step " << step;
+      }
     } catch (const pool_exhausted&) {
       res.fail_after = -1;
       ASSERT_EQ(snapshot(cache, all), before) << "step " << step << ", operation " << op;

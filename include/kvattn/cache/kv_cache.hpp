@@ -160,8 +160,8 @@ class KvCache {
     };
     std::vector<Plan> plans;
     detail::ListedOnce listed(ids.size(), "extend");
-    DroppedRefs dropped;
-    std::int64_t needed = 0, copies = 0;
+    SharedWrites shared;
+    std::int64_t needed = 0;
     try {  // the plan's own bookkeeping failing is reported as pool_exhausted too
       plans.reserve(ids.size());
       for (std::size_t i = 0; i < ids.size(); ++i) {
@@ -179,7 +179,7 @@ class KvCache {
         if (counts[i] > 0) {  // blocks that will be written and are shared with a fork get copied
           p.first_cow = s.length / layout_.block_tokens();
           p.last_cow = std::min(have, want);
-          copies += copies_for(s, p.first_cow, p.last_cow, record == nullptr ? &dropped : nullptr);
+          shared.add(*this, s, p.first_cow, p.last_cow);
         }
         needed = checked_add(needed, p.new_blocks, "blocks to add");
         plans.push_back(p);
@@ -187,6 +187,7 @@ class KvCache {
     } catch (...) {
       rethrow_out_of_memory(needed, "planning an extend");
     }
+    const std::int64_t copies = shared.copies();
     needed = checked_add(needed, copies, "blocks to add");
     Acquired acquired = acquire_blocks(
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
@@ -203,12 +204,8 @@ class KvCache {
     }
     // Commit: nothing below throws.
     std::size_t next = 0;
-    if (record) {
-      for (const Plan& p : plans) record_shared(*p.seq, p.first_cow, p.last_cow, *record);
-      next = unshare_recorded(*record, fresh);
-    }
+    for (const Plan& p : plans) next = unshare(shared, *p.seq, p.first_cow, p.last_cow, fresh, next, record);
     for (const Plan& p : plans) {
-      if (!record) next = unshare_in_batch_order(*p.seq, p.first_cow, p.last_cow, fresh, next);
       if (record) record->grown.push_back({p.seq, p.seq->length, p.seq->blocks.size()});
       for (std::int64_t b = 0; b < p.new_blocks; ++b) p.seq->blocks.push_back(fresh[next++]);
       live_tokens_ += p.new_length - p.seq->length;
@@ -229,8 +226,9 @@ class KvCache {
 
   /// write() for a batch, all or nothing: sequence ids[b] gets counts[b] tokens from positions[b] on,
   /// its rows right after the previous sequence's in k and v ([sum of counts][Hkv][d], token_stride
-  /// floats apart). Every block shared with a fork is copied, for the whole batch, before any row
-  /// is written, so a failure (an exhausted pool) changes nothing.
+  /// floats apart). The blocks it writes that are shared with forks are copied, for the whole batch,
+  /// before any row is written, so a failure (an exhausted pool) changes nothing; a block that only
+  /// the batch's sequences share and all of them write stays with one of them (SharedWrites).
   void write(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions, std::span<const std::int64_t> counts,
              const float* k, const float* v, std::int64_t token_stride = 0) {
     write_rows(ids, layer, positions, counts, k, v, token_stride, 1, "write", nullptr, float_row_writer());
@@ -239,8 +237,9 @@ class KvCache {
   class ChangeGuard;
 
   /// write() for a batch, which the returned guard takes back unless committed: the copies of
-  /// blocks shared with forks go back to their sharing and the blocks taken to where they came
-  /// from. (The rows written into blocks not copied, which no other sequence shares, keep their new
+  /// blocks shared with forks go back to their sharing, the rows written into a shared block kept
+  /// (one that only the batch's sequences share) get their old bytes back, and the blocks taken go
+  /// to where they came from. (Rows written into blocks no other sequence shares keep their new
   /// contents: positions whose contents were unspecified since extend, or rewritten with the same
   /// K/V.) For callers whose work after the write may fail (AttentionLayer::forward).
   [[nodiscard]] ChangeGuard write_guarded(std::span<const seq_id> ids, int layer, std::span<const std::int64_t> positions,
@@ -386,10 +385,10 @@ class KvCache {
     for (seq_id id : ids) (void)find(id);
     const std::int64_t row = std::int64_t{config_.heads().kv_heads()} * config_.heads().head_dim();
     const std::int64_t stride_units = checked_mul(resolved_token_stride(token_stride, row, what), unit, "token stride");
-    // Check everything and count the copies of blocks shared with a fork before changing anything.
-    const bool batch = ids.size() > 1;  // one sequence needs no map of dropped references (no allocation)
+    // Check everything and plan the copies of blocks shared with a fork before changing anything.
+    const bool batch = ids.size() > 1;
     detail::ListedOnce listed(ids.size(), what);
-    DroppedRefs dropped;
+    SharedWrites shared;
     std::int64_t copies = 0, tokens = 0;
     try {  // the bookkeeping failing is reported as pool_exhausted too
       for (std::size_t b = 0; b < ids.size(); ++b) {
@@ -401,9 +400,25 @@ class KvCache {
         if (n > 0 && (k == nullptr || v == nullptr)) detail::fail<shape_error>(what, ": null K or V pointer");
         tokens += n;  // no overflow: each n is within its own sequence, listed once
         const auto [first, last] = written_blocks(pos, n);
-        copies += copies_for(s, first, last, batch && record == nullptr ? &dropped : nullptr);
+        shared.add(*this, s, first, last);
       }
-      if (record) record->copied.reserve(static_cast<std::size_t>(copies));
+      copies = shared.copies();
+      if (record) {
+        record->copied.reserve(static_cast<std::size_t>(copies));
+        // The rows a sequence writes into a shared block it keeps, saved for the undo.
+        std::int64_t saved = 0;
+        for (std::size_t b = 0; b < ids.size(); ++b) {
+          const Sequence& s = find(ids[b])->second;
+          const auto [first, last] = written_blocks(positions[b], counts[b]);
+          for (std::int64_t i = first; i < last; ++i)
+            if (shared.keeps(s, s.blocks[static_cast<std::size_t>(i)]))
+              saved += std::min(positions[b] + counts[b], (i + 1) * layout_.block_tokens()) -
+                       std::max(positions[b], i * layout_.block_tokens());
+        }
+        const std::int64_t rows = checked_product("saved rows", saved, 2, config_.heads().kv_heads());
+        record->saved_rows.reserve(static_cast<std::size_t>(rows));
+        record->saved_bytes.reserve(static_cast<std::size_t>(checked_mul(rows, config_.row_bytes(), "saved rows")));
+      }
     } catch (...) {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
@@ -414,30 +429,32 @@ class KvCache {
       acquired = acquire_blocks(copies, batch ? detail::message("copying blocks shared with forks for a batch of ", ids.size(),
                                                                 " sequences")
                                               : detail::message("copying sequence ", ids[0], "'s blocks shared with a fork"));
-    // Commit: nothing below throws.
+    // Commit: nothing below throws. Every copy is made, for the whole batch, before any row is
+    // written, so no copy takes a row of this call.
     std::size_t next = 0;
-    if (record) {
-      for (std::size_t b = 0; b < ids.size(); ++b) {
-        const auto [first, last] = written_blocks(positions[b], counts[b]);
-        record_shared(find(ids[b])->second, first, last, *record);
-      }
-      next = unshare_recorded(*record, acquired.blocks);
+    for (std::size_t b = 0; b < ids.size(); ++b) {
+      const auto [first, last] = written_blocks(positions[b], counts[b]);
+      next = unshare(shared, find(ids[b])->second, first, last, acquired.blocks, next, record);
     }
     const KvSlotView sv = slot_view_of(slot);
     const std::int64_t head_units = std::int64_t{sv.head_dim} * unit;
+    const auto row_bytes = static_cast<std::size_t>(sv.row_bytes);
     for (std::size_t b = 0; b < ids.size(); ++b) {
       Sequence& s = find(ids[b])->second;
       const std::int64_t pos = positions[b], n = counts[b];
-      if (!record) {
-        const auto [first, last] = written_blocks(pos, n);
-        next = unshare_in_batch_order(s, first, last, acquired.blocks, next);
-      }
       visit_dtype(config_.dtype(), [&](auto tag) {
         for (std::int64_t t = 0; t < n; ++t) {
           const std::int64_t p = pos + t;
           std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
+          // A block still in the plan is a shared one this sequence kept (copies are new blocks).
+          const bool save = record != nullptr && shared.planned(block);
           for (int h = 0; h < sv.kv_heads; ++h) {
             const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
+            if (save)
+              for (std::byte* row : {block + sv.k_offset + at, block + sv.v_offset + at}) {  // reserved: no throw
+                record->saved_rows.push_back(row);
+                record->saved_bytes.insert(record->saved_bytes.end(), row, row + row_bytes);
+              }
             copy(tag, block + sv.k_offset + at, k + t * stride_units + h * head_units);
             copy(tag, block + sv.v_offset + at, v + t * stride_units + h * head_units);
           }
@@ -454,26 +471,49 @@ class KvCache {
     return {first, n > 0 ? (pos + n - 1) / layout_.block_tokens() + 1 : first};
   }
 
-  /// References to a block that earlier sequences of a batch drop by copying it before they write.
-  using DroppedRefs = std::unordered_map<std::byte*, std::int32_t>;
-
-  /// How many of s.blocks[first, last) a write copies: those shared with another sequence once the
-  /// references that earlier sequences of the batch drop are taken off (`dropped`, updated), so a
-  /// block shared only by the batch's sequences is copied by all but the last of them: the planned
-  /// twin of unshare_in_batch_order. With `dropped` null (a batch of one, or a guarded call, which
-  /// copies every block shared at its start: record_shared), those shared now.
-  std::int64_t copies_for(const Sequence& s, std::int64_t first, std::int64_t last, DroppedRefs* dropped) const {
-    std::int64_t copies = 0;
-    for (std::int64_t b = first; b < last; ++b) {
-      std::byte* block = s.blocks[static_cast<std::size_t>(b)];
-      std::int32_t* gone = dropped != nullptr ? &(*dropped)[block] : nullptr;
-      if (refcount_.find(block)->second - (gone != nullptr ? *gone : 0) > 1) {
-        if (gone != nullptr) ++*gone;
-        ++copies;
+  /// The copy-on-write plan of one batch (extend or write): for each block that the batch's
+  /// sequences write while it is shared, how many of them write it and which one keeps it. A block
+  /// also shared with a sequence outside the batch (or not written by all its sharers) is copied by
+  /// every writer; one whose sharers all write it stays with the longest of them (the last listed
+  /// among equals), the others copy it. That keeps the copies as few as in sequence-by-sequence
+  /// copy-on-write, and an extend's new rows in the kept block lie at or past every other sharer's
+  /// length, so an undo that gives those sharers the block back shows them nothing new (ChangeGuard).
+  class SharedWrites {
+   public:
+    /// Planning (may allocate): sequence s writes its blocks [first, last).
+    void add(const KvCache& cache, const Sequence& s, std::int64_t first, std::int64_t last) {
+      for (std::int64_t i = first; i < last; ++i) {
+        std::byte* block = s.blocks[static_cast<std::size_t>(i)];
+        const std::int32_t refs = cache.refcount_.find(block)->second;
+        if (refs < 2) continue;
+        Writers& w = blocks_.try_emplace(block, Writers{refs}).first->second;
+        ++w.count;
+        if (s.length >= w.longest) w.longest = s.length, w.keeper = &s;
       }
     }
-    return copies;
-  }
+    /// Blocks to copy: every writer's, but one per block its writers alone share.
+    std::int64_t copies() const {
+      std::int64_t n = 0;
+      for (const auto& [block, w] : blocks_) n += w.count - (w.count == w.refs ? 1 : 0);
+      return n;
+    }
+    /// Whether s keeps `block` (planned, written by all its sharers, s the longest). Never throws.
+    bool keeps(const Sequence& s, std::byte* block) const noexcept {
+      const auto it = blocks_.find(block);
+      return it != blocks_.end() && it->second.count == it->second.refs && it->second.keeper == &s;
+    }
+    /// Whether `block` is one the plan names (shared when planned). Never throws.
+    bool planned(std::byte* block) const noexcept { return blocks_.contains(block); }
+
+   private:
+    struct Writers {
+      std::int32_t refs;       // references when planned
+      std::int32_t count = 0;  // sequences of the batch writing it
+      std::int64_t longest = -1;
+      const Sequence* keeper = nullptr;
+    };
+    std::unordered_map<std::byte*, Writers> blocks_;
+  };
 
   /// A call's token stride in elements (0: rows of `row` elements back to back), refused below `row`.
   static std::int64_t resolved_token_stride(std::int64_t token_stride, std::int64_t row, const char* what) {
@@ -495,39 +535,20 @@ class KvCache {
     return v;
   }
 
-  bool is_shared(std::byte* block) const { return refcount_.find(block)->second > 1; }
-
-  /// An unguarded write's copies, sequence by sequence in batch order: a block still shared is
-  /// copied, so the last of the batch's sharers writes the original in place. Returns the next
-  /// unused block of `fresh`. Never throws.
-  std::size_t unshare_in_batch_order(Sequence& s, std::int64_t first, std::int64_t last, const std::vector<std::byte*>& fresh,
-                                     std::size_t next) noexcept {
-    for (std::int64_t i = first; i < last; ++i)
-      if (std::byte*& block = s.blocks[static_cast<std::size_t>(i)]; is_shared(block)) unshare(block, fresh[next++]);
+  /// Makes the copies the plan gives sequence s among its blocks [first, last): each into the next
+  /// of `fresh` (acquired, refcount 1), recorded for an undo if `record` is not null (reserved).
+  /// Returns the next unused block of `fresh`. Never throws.
+  std::size_t unshare(const SharedWrites& shared, Sequence& s, std::int64_t first, std::int64_t last,
+                      const std::vector<std::byte*>& fresh, std::size_t next, ChangeRecord* record) noexcept {
+    for (std::int64_t i = first; i < last; ++i) {
+      std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
+      if (!shared.planned(block) || shared.keeps(s, block)) continue;
+      if (record) record->copied.push_back({&s, static_cast<std::size_t>(i), block});
+      std::memcpy(fresh[next], block, static_cast<std::size_t>(block_bytes_));
+      --refcount_.find(block)->second;
+      block = fresh[next++];
+    }
     return next;
-  }
-
-  /// A guarded write's copies, first listed for the whole batch (r.copied, reserved: no throw) and
-  /// then made (unshare_recorded), so every sharer copies and no shared original is written: undo
-  /// then gives each sharer the original as it was. An original left with no reference stays
-  /// allocated until the guard commits (release_unreferenced).
-  void record_shared(Sequence& s, std::int64_t first, std::int64_t last, ChangeRecord& r) const noexcept {
-    for (std::int64_t i = first; i < last; ++i)
-      if (std::byte* block = s.blocks[static_cast<std::size_t>(i)]; is_shared(block))
-        r.copied.push_back({&s, static_cast<std::size_t>(i), block});
-  }
-  std::size_t unshare_recorded(ChangeRecord& r, const std::vector<std::byte*>& fresh) noexcept {
-    std::size_t next = 0;
-    for (const typename ChangeRecord::Copied& c : r.copied) unshare(c.seq->blocks[c.index], fresh[next++]);
-    return next;
-  }
-
-  /// Copies a shared block into `fresh` (acquired, refcount 1) and points `block` at the copy,
-  /// dropping one reference to the original (to 0 only in a guarded call). Never throws.
-  void unshare(std::byte*& block, std::byte* fresh) noexcept {
-    std::memcpy(fresh, block, static_cast<std::size_t>(block_bytes_));
-    --refcount_.find(block)->second;
-    block = fresh;
   }
 
   /// Blocks taken by acquire_blocks: the first `from_free` came from the free list.
@@ -605,18 +626,7 @@ class KvCache {
   /// Drops one reference; the last one sends the block to the free list or the resource. Never throws.
   void release_block(std::byte* block) noexcept {
     auto it = refcount_.find(block);
-    if (--it->second == 0) free_unreferenced(it);
-  }
-
-  /// A committed guard's originals that no sequence references any more go where release_block
-  /// sends them (each once: the first frees it, later entries no longer find it). Never throws.
-  void release_unreferenced(const ChangeRecord& r) noexcept {
-    for (const typename ChangeRecord::Copied& c : r.copied)
-      if (auto it = refcount_.find(c.original); it != refcount_.end() && it->second == 0) free_unreferenced(it);
-  }
-
-  void free_unreferenced(typename std::unordered_map<std::byte*, std::int32_t>::iterator it) noexcept {
-    std::byte* block = it->first;
+    if (--it->second > 0) return;
     refcount_.erase(it);
     if (layout_.keeps_free_blocks())
       free_.push_back(block);  // capacity reserved in acquire_blocks
@@ -625,7 +635,8 @@ class KvCache {
   }
 
   /// What undo_change needs: the sequences' lengths and block counts before, the shared blocks
-  /// that were copied (with their originals), and the blocks taken.
+  /// that were copied (with their originals), the rows a write overwrote in a shared block it kept
+  /// (where, and their bytes, row_bytes each), and the blocks taken.
   struct ChangeRecord {
     struct Grown {
       Sequence* seq;
@@ -639,12 +650,16 @@ class KvCache {
     };
     std::vector<Grown> grown;
     std::vector<Copied> copied;
+    std::vector<std::byte*> saved_rows;
+    std::vector<std::byte> saved_bytes;
     Acquired acquired;
   };
 
   /// Takes back a recorded extend or write exactly (a write's rows in blocks it did not copy
   /// excepted). Never throws.
   void undo_change(ChangeRecord& r) noexcept {
+    const auto row_bytes = static_cast<std::size_t>(config_.row_bytes());
+    for (std::size_t i = 0; i < r.saved_rows.size(); ++i) std::memcpy(r.saved_rows[i], r.saved_bytes.data() + i * row_bytes, row_bytes);
     for (auto c = r.copied.rbegin(); c != r.copied.rend(); ++c) {
       ++refcount_.find(c->original)->second;
       c->seq->blocks[c->index] = c->original;
@@ -670,13 +685,12 @@ class KvCache {
   /// The undo of an extend_guarded() or a write_guarded(): unless commit() is called, its destructor
   /// returns the sequences to their lengths and blocks, the blocks copied from forks to their
   /// sharing, and the blocks taken to the free list or the memory resource they came from, in
-  /// order, as if the call had not been made (a write's rows in blocks it did not copy keep their
-  /// new contents: only blocks no other sequence shares). A guarded call copies every block shared
-  /// at its start that it writes, also for the last of the batch's sequences sharing it, so no
-  /// shared original is written; an original left unreferenced stays allocated (counted in
-  /// blocks_in_use and reserved_bytes) until commit() frees it. While the guard is live, the cache
-  /// may be read, and written at the new positions (under guards of their own, destroyed first);
-  /// anything else that changes sequences or blocks is not allowed.
+  /// order, as if the call had not been made: every sequence reads what it read before. (A write's
+  /// rows in blocks no other sequence shared keep their new contents, at positions only the writer
+  /// reads. An extend's block that only the batch's sequences share stays with the longest of them,
+  /// so the rows written at its new positions lie past every other sharer's length.) While it is
+  /// live, the cache may be read, and written at the new positions (under guards of their own,
+  /// destroyed first); anything else that changes sequences or blocks is not allowed.
   class ChangeGuard {
    public:
     ChangeGuard(const ChangeGuard&) = delete;
@@ -684,11 +698,8 @@ class KvCache {
     ~ChangeGuard() {
       if (cache_) cache_->undo_change(record_);
     }
-    /// Keeps the change, freeing the originals no sequence references any more.
-    void commit() noexcept {
-      if (cache_) cache_->release_unreferenced(record_);
-      cache_ = nullptr;
-    }
+    /// Keeps the change.
+    void commit() noexcept { cache_ = nullptr; }
 
    private:
     friend class KvCache;
