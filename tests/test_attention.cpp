@@ -35,12 +35,14 @@ struct Case {
   std::vector<std::int64_t> chunk;   // new (query) tokens
   mode m;
   float q_scale = 1.f;            // scales q, to reach extreme logits
+  float scale = 0.f;              // AttentionOptions::scale (0: 1/sqrt(d))
 
   std::string describe() const {
     std::ostringstream s;
     s << (m == mode::decode ? "decode" : m == mode::prefill ? "prefill" : "cross") << " Hq=" << hq << " Hkv=" << hkv
       << " d=" << d << " " << dtype_name(dtype) << " threads=" << threads << (paged ? " paged/" : " contiguous/")
-      << block << " layer " << layer << " of cla(" << layers << "," << factor << ") q_scale=" << q_scale << " prefix,chunk=";
+      << block << " layer " << layer << " of cla(" << layers << "," << factor << ") q_scale=" << q_scale << " scale=" << scale
+      << " prefix,chunk=";
     for (std::size_t b = 0; b < prefix.size(); ++b) s << " " << prefix[b] << "+" << chunk[b];
     return s.str();
   }
@@ -50,9 +52,9 @@ Case random_case(std::mt19937_64& rng, mode m) {
   auto pick = [&](std::initializer_list<int> v) { return *(v.begin() + rng() % v.size()); };
   Case c{};
   c.m = m;
-  c.d = pick({16, 46, 64, 80, 90, 128, 256});
+  c.d = pick({16, 46, 64, 80, 90, 96, 128, 256});
   c.hkv = pick({1, 1, 2, 3, 4});
-  c.hq = c.hkv * pick({1, 2, 4, 8, 16});
+  c.hq = c.hkv * pick({1, 2, 3, 4, 6, 8, 16});  // 3 and 6: groups the kernel table does not specialize
   while (c.hq > 32) c.hq /= 2, c.hkv = std::min(c.hkv, c.hq);
   if (c.hq % c.hkv) c.hkv = 1;
   c.dtype = static_cast<kv_dtype>(rng() % 3);
@@ -62,6 +64,7 @@ Case random_case(std::mt19937_64& rng, mode m) {
   c.layers = pick({1, 2, 3});
   c.factor = 1 + static_cast<int>(rng() % c.layers);
   c.layer = static_cast<int>(rng() % c.layers);
+  if (rng() % 4 == 0) c.scale = 0.02f + 0.5f * static_cast<float>(rng() % 1000) / 1000.f;
   const int batch = 1 + static_cast<int>(rng() % 4);
   for (int b = 0; b < batch; ++b) {
     std::int64_t len = rng() % 4 == 0 ? 0 : 1 + static_cast<std::int64_t>(rng() % 150);
@@ -96,6 +99,7 @@ double run_case(const Case& c, L layout, std::uint64_t seed) {
   std::vector<float> out(q.size(), std::nanf(""));
   AttentionOptions opt;
   opt.threads = c.threads;
+  opt.scale = c.scale;
   if (c.m == mode::decode)
     decode(cache, c.layer, ids, q.data(), out.data(), opt);
   else if (c.m == mode::prefill)
@@ -105,7 +109,7 @@ double run_case(const Case& c, L layout, std::uint64_t seed) {
   double err = 0;
   std::int64_t offset = 0;
   for (std::size_t b = 0; b < ids.size(); ++b) {
-    const auto ref = reference_attention(cache, c.layer, ids[b], q.data() + offset * row, c.chunk[b], c.m != mode::cross);
+    const auto ref = reference_attention(cache, c.layer, ids[b], q.data() + offset * row, c.chunk[b], c.m != mode::cross, c.scale);
     err = std::max(err, max_abs_diff(out.data() + offset * row, ref.data(), ref.size()));
     offset += c.chunk[b];
   }
@@ -172,10 +176,8 @@ TEST_P(PerIsa, LongContext) {
 TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   // Bitwise: the plan depends only on the data, and every sum runs in the same order.
   std::mt19937_64 rng(41);
-  for (int i = 0; i < kvattn::testing::scaled_cases(30); ++i) {
-    const mode m = i % 2 ? mode::decode : mode::prefill;
-    Case c = random_case(rng, m);
-    c.prefix[0] = 2000 + i * 37;  // split-K in play
+  auto check = [&](const Case& c) {
+    const mode m = c.m;
     const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::none(1), c.dtype);
     KvCache<PagedLayout> cache(cfg, PagedLayout{16});
     std::vector<seq_id> ids;
@@ -200,7 +202,20 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
     }
     for (std::size_t t = 1; t < outs.size(); ++t)
       ASSERT_EQ(0, std::memcmp(outs[0].data(), outs[t].data(), outs[0].size() * sizeof(float))) << c.describe();
+  };
+  for (int i = 0; i < kvattn::testing::scaled_cases(30); ++i) {
+    Case c = random_case(rng, i % 2 ? mode::decode : mode::prefill);
+    c.prefix[0] = 2000 + i * 37;  // split-K in play
+    check(c);
   }
+  // Contexts long enough that the split's chunks grow past their minimum, where a plan sized by
+  // the thread count would differ: a 40k-key decode beside a short one, and a prefill chunk over 6k.
+  Case c{};
+  c.hq = 8, c.hkv = 2, c.d = 64, c.dtype = kv_dtype::bf16, c.layers = 1, c.factor = 1, c.m = mode::decode;
+  c.prefix = {40000, 3}, c.chunk = {1, 1};
+  check(c);
+  c.m = mode::prefill, c.dtype = kv_dtype::f16, c.prefix = {6000}, c.chunk = {5};
+  check(c);
 }
 
 TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
@@ -340,6 +355,23 @@ TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   }
 }
 
+TEST(Isa, EachPathRunsItsOwnKernels) {
+  // A forced path must select its own code: any two supported paths pick different tile kernels
+  // (and loaders, where they have one), for table shapes and generic ones, in every storage type.
+  const std::vector<isa> paths = supported_isas();
+  for (kv_dtype dt : {kv_dtype::f32, kv_dtype::f16, kv_dtype::bf16})
+    for (const auto& [group, d] : {std::pair{4, 128}, std::pair{1, 64}, std::pair{3, 46}, std::pair{8, 96}})
+      for (std::size_t a = 0; a < paths.size(); ++a)
+        for (std::size_t b = a + 1; b < paths.size(); ++b) {
+          const kernels::TileKernel ka = kernels::select_tile_kernel(dt, group, d, paths[a]);
+          const kernels::TileKernel kb = kernels::select_tile_kernel(dt, group, d, paths[b]);
+          EXPECT_NE(ka.run, kb.run) << isa_name(paths[a]) << " and " << isa_name(paths[b]) << ", group " << group << " d " << d;
+          if (ka.load != nullptr || kb.load != nullptr) {
+            EXPECT_NE(ka.load, kb.load) << isa_name(paths[a]) << " and " << isa_name(paths[b]);
+          }
+        }
+}
+
 TEST(Isa, ResetIsaGoesBackToTheDefaultPath) {
   const char* env = std::getenv("KVATTN_ISA");
   if (env != nullptr && *env != '\0') GTEST_SKIP() << "the default path is KVATTN_ISA's";
@@ -383,6 +415,13 @@ TEST(Attention, StaticHeadLayoutMatchesDynamic) {
   std::vector<float> a(q.size()), b(q.size());
   decode(cache, 0, ids, q.data(), a.data());
   decode<HeadLayout<32, 8, 128>>(cache, 0, ids, q.data(), b.data());
+  // Each against the reference: linked with kvattn::kernels both take the same table kernel, so
+  // comparing them with each other alone could not fail there.
+  for (std::size_t s = 0; s < ids.size(); ++s) {
+    const auto ref = reference_attention(cache, 0, ids[s], q.data() + s * 32 * 128, 1, true);
+    EXPECT_LE(max_abs_diff(a.data() + s * 32 * 128, ref.data(), ref.size()), 1e-4);
+    EXPECT_LE(max_abs_diff(b.data() + s * 32 * 128, ref.data(), ref.size()), 1e-4);
+  }
   for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6);
   EXPECT_THROW((decode<HeadLayout<32, 4, 128>>(cache, 0, ids, q.data(), b.data())), config_error);
 }
