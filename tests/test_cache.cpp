@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <memory_resource>
@@ -643,7 +644,9 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
     const auto before = snapshot(cache, all);
     std::map<seq_id, ModelTokens> next = model;
     const int op = model.empty() ? 0 : static_cast<int>(uniform(0, 10));
-    if (uniform(0, 9) == 0) res.fail_after = res.allocations + uniform(0, 1);
+    const bool inject = uniform(0, 9) == 0;
+    if (inject) res.fail_after = res.allocations + uniform(0, 1);
+    std::function<void()> plain_twin;  // a guarded call's plain form: refused whenever it is
     try {
       if (op == 0 && model.size() < 8) {
         cache.add_sequence(next_id);
@@ -674,6 +677,7 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
         if (op == 4) {
           cache.extend(batch, counts);
         } else {
+          plain_twin = [&cache, batch, counts] { cache.extend(batch, counts); };
           auto guard = cache.extend_guarded(batch, counts);
           for (int slot = 0; slot < 2; ++slot) {  // as AttentionStack::forward: each layer's write guarded too
             const Rows rows = rows_for(counts);
@@ -703,6 +707,9 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
           cache.write(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
           next = written(next, batch, slot, positions, counts, rows);
         } else {
+          plain_twin = [&cache, batch, positions, counts, rows, layer = producers[slot]] {
+            cache.write(batch, layer, positions, counts, rows.k.data(), rows.v.data());
+          };
           auto guard = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
           if (op == 7) {
             guard.commit();
@@ -726,6 +733,10 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
     } catch (const pool_exhausted&) {
       res.fail_after = -1;
       ASSERT_EQ(snapshot(cache, all), before) << "step " << step << ", operation " << op;
+      // A guarded call takes no more blocks than its plain form, so the pool refuses that too.
+      if (plain_twin && !inject) {
+        ASSERT_THROW(plain_twin(), pool_exhausted) << "step " << step << ", operation " << op;
+      }
       continue;
     } catch (const capacity_error&) {
       res.fail_after = -1;
