@@ -655,8 +655,8 @@ class KvCache {
     Acquired acquired;
   };
 
-  /// Takes back a recorded extend or write exactly (a write's rows in blocks it did not copy
-  /// excepted). Never throws.
+  /// Takes back a recorded extend or write exactly (a write's rows in blocks no other sequence
+  /// shared excepted). Never throws.
   void undo_change(ChangeRecord& r) noexcept {
     const auto row_bytes = static_cast<std::size_t>(config_.row_bytes());
     for (std::size_t i = 0; i < r.saved_rows.size(); ++i) std::memcpy(r.saved_rows[i], r.saved_bytes.data() + i * row_bytes, row_bytes);
