@@ -488,7 +488,7 @@ class KvCache {
         if (refs < 2) continue;
         Writers& w = blocks_.try_emplace(block, Writers{refs}).first->second;
         ++w.count;
-        if (s.length >= w.longest) w.longest = s.length, w.keeper = &s;
+        if (w.keeper == nullptr || s.length >= w.keeper->length) w.keeper = &s;
       }
     }
     /// Blocks to copy: every writer's, but one per block its writers alone share.
@@ -509,8 +509,7 @@ class KvCache {
     struct Writers {
       std::int32_t refs;       // references when planned
       std::int32_t count = 0;  // sequences of the batch writing it
-      std::int64_t longest = -1;
-      const Sequence* keeper = nullptr;
+      const Sequence* keeper = nullptr;  // the longest writer (lengths do not change while planning)
     };
     std::unordered_map<std::byte*, Writers> blocks_;
   };
