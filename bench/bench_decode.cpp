@@ -26,6 +26,9 @@
 //                                                             FMA peak: a pair product does twice
 //                                                             the multiplies of an FMA
 //   RooflineEigenNaive/<D1..D5>/threads:<n>                     the Eigen baseline on those shapes
+//   InCache/<design>/T512/B1/<dtype>/<isa>[/fpmath_bf16]/threads:1  one sequence whose K/V stay in
+//                                                             L2, for query groups 1, 4 and 32: the
+//                                                             kernels' arithmetic without memory
 //   Overlap/fmas_per_vector:<F>/threads:<n>                   streaming with F FMAs per loaded vector against
 //                                                             the same work in L2 (how far memory and compute overlap)
 // Cold runs flush the step's K/V bytes from every cache level before the step and before each read
@@ -63,7 +66,7 @@ using kvattn_bench::GiB;
 using Cache = kvattn::KvCache<kvattn::ContiguousLayout>;
 using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-constexpr int q_heads = 32;
+constexpr int grid_q_heads = 32;  // query heads of the Decode grid and the shapes
 constexpr int head_dim = 128;
 // Memory guards (the machine has 24 GiB). Shapes over a limit are registered but skipped with
 // SkipWithError, so the output says what was left out and why. At f16 no kvattn shape exceeds
@@ -79,6 +82,7 @@ struct Shape {
   int kv_heads;
   std::int64_t tokens;
   int batch;
+  int q_heads = grid_q_heads;
 
   std::string key() const { return design + "/T" + std::to_string(tokens) + "/B" + std::to_string(batch); }
   double flops() const { return 4.0 * q_heads * head_dim * static_cast<double>(tokens) * batch; }
@@ -124,7 +128,7 @@ Resident& resident(const std::string& key) {
 }
 
 std::unique_ptr<Cache> build_cache(const Shape& s, kvattn::kv_dtype dtype) {
-  const kvattn::ModelConfig config(kvattn::HeadShape(q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1), dtype);
+  const kvattn::ModelConfig config(kvattn::HeadShape(s.q_heads, s.kv_heads, head_dim), kvattn::LayerSharingMap::none(1), dtype);
   static kvattn::HugePageResource huge_page_resource;
   auto cache = std::make_unique<Cache>(config, kvattn::ContiguousLayout{.max_tokens = s.tokens, .max_sequences = s.batch},
                                        huge_pages ? &huge_page_resource : std::pmr::new_delete_resource());
@@ -179,7 +183,7 @@ struct DecodeInputs {
   kvattn::AttentionOptions opt;
   DecodeInputs(const Shape& s, int threads)
       : ids(static_cast<std::size_t>(s.batch)),
-        q(kvattn_bench::random_floats(static_cast<std::size_t>(s.batch) * q_heads * head_dim, 3)),
+        q(kvattn_bench::random_floats(static_cast<std::size_t>(s.batch) * s.q_heads * head_dim, 3)),
         out(q.size()) {
     std::iota(ids.begin(), ids.end(), 0);
     opt.threads = threads;
@@ -307,7 +311,7 @@ void BM_Decode(benchmark::State& state, const Shape& s) {
   const auto bytes = kv_ranges(*r.cache, s, kv_bytes);
   const Paired p = paired_loop(state, [&] {
     // Static layout: the kernel is specialized on group size and head dim, as a user would do.
-    kvattn::decode<kvattn::HeadLayout<q_heads, KvHeads, head_dim>>(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
+    kvattn::decode<kvattn::HeadLayout<grid_q_heads, KvHeads, head_dim>>(*r.cache, 0, in.ids, in.q.data(), in.out.data(), in.opt);
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   }, bytes, s.flops(), threads, false);
@@ -321,10 +325,10 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   if (over_limit(state, "Eigen f32", kv_bytes, eigen_limit)) return;
   Resident& r = resident("eigen/" + s.key());
   if (r.k.empty()) build_eigen(r, s);
-  const std::vector<float> q = kvattn_bench::random_floats(std::size_t(s.batch) * q_heads * head_dim, 3);
+  const std::vector<float> q = kvattn_bench::random_floats(std::size_t(s.batch) * s.q_heads * head_dim, 3);
   std::vector<float> out(q.size());
   std::vector<Eigen::VectorXf> scores(static_cast<std::size_t>(threads), Eigen::VectorXf(s.tokens));
-  const int group = q_heads / s.kv_heads;
+  const int group = s.q_heads / s.kv_heads;
   const float scale = 1.f / std::sqrt(float(head_dim));
   std::vector<std::span<const float>> bytes;  // its K and V matrices
   for (std::size_t i = 0; i < r.k.size(); ++i) {
@@ -333,8 +337,8 @@ void BM_DecodeEigenNaive(benchmark::State& state, const Shape& s) {
   }
   const Paired p = paired_loop(state, [&] {
     // One independent item per (sequence, query head), on the same OpenMP loop as the kernels.
-    kvattn::kernels::parallel_for(std::int64_t{s.batch} * q_heads, threads, [&](std::int64_t i, int t) {
-      const std::size_t kv = static_cast<std::size_t>(i / q_heads * s.kv_heads + i % q_heads / group);
+    kvattn::kernels::parallel_for(std::int64_t{s.batch} * s.q_heads, threads, [&](std::int64_t i, int t) {
+      const std::size_t kv = static_cast<std::size_t>(i / s.q_heads * s.kv_heads + i % s.q_heads / group);
       Eigen::VectorXf& p = scores[static_cast<std::size_t>(t)];
       p.noalias() = r.k[kv] * Eigen::Map<const Eigen::VectorXf>(q.data() + i * head_dim, head_dim);
       p = ((p.array() - p.maxCoeff()) * scale).exp();
@@ -354,9 +358,28 @@ struct ForcedIsa {
   ~ForcedIsa() { kvattn::reset_isa(); }
 };
 
-/// The decode shapes D1..D5 (Hq 32, d 128) for every storage type, ISA path and thread
-/// count, through the runtime-dispatched API a default user calls (HeadShape, not a static layout).
-/// Cold runs evict the caches before every step, as a real model's next layer would.
+/// A kernel variant's name part and label: "<dtype>/<isa>", then "/fpmath_bf16" with bf16 products.
+std::string variant_name(kvattn::kv_dtype dtype, kvattn::isa path, kvattn::fpmath_mode fpmath) {
+  return std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)) +
+         (fpmath == kvattn::fpmath_mode::bf16 ? "/fpmath_bf16" : "");
+}
+
+/// Calls f(dtype, path, fpmath) for every storage type and ISA path, strict, and with bf16 products
+/// where a kernel takes them: bf16 storage, the AVX-512 path with AVX512_BF16, query groups of 2 to
+/// 8 (other groups would run the strict kernels).
+template <class F>
+void for_each_variant(int group, F&& f) {
+  for (kvattn::kv_dtype dtype : {kvattn::kv_dtype::f16, kvattn::kv_dtype::bf16, kvattn::kv_dtype::f32})
+    for (kvattn::isa path : kvattn::supported_isas()) {
+      f(dtype, path, kvattn::fpmath_mode::strict);
+      if (dtype == kvattn::kv_dtype::bf16 && path == kvattn::isa::avx512 && kvattn::cpu_supports_bf16_dot() && group >= 2 && group <= 8)
+        f(dtype, path, kvattn::fpmath_mode::bf16);
+    }
+}
+
+/// Decode of shape s (the D1..D5, or an InCache shape) with one kernel variant, through the
+/// runtime-dispatched API a default user calls (HeadShape, not a static layout). Cold runs evict
+/// the caches before every step, as a real model's next layer would.
 void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype, kvattn::isa path, kvattn::fpmath_mode fpmath,
                  bool cold) {
   const int threads = static_cast<int>(state.range(0));
@@ -372,8 +395,7 @@ void BM_Roofline(benchmark::State& state, const Shape& s, kvattn::kv_dtype dtype
     benchmark::ClobberMemory();
   };
   set_counters(state, s, kv_bytes, threads, paired_loop(state, step, kv_ranges(*r.cache, s, kv_bytes), s.flops(), threads, cold));
-  state.SetLabel(std::string(kvattn::dtype_name(dtype)) + "/" + std::string(kvattn::isa_name(path)) +
-                 (fpmath == kvattn::fpmath_mode::bf16 ? "/fpmath_bf16" : ""));
+  state.SetLabel(variant_name(dtype, path, fpmath));
 }
 
 void register_roofline() {
@@ -386,28 +408,35 @@ void register_roofline() {
                           {"D3", {"MQA-32x1", 1, 4096, 1}, false},   {"D4", {"GQA-32x8", 8, 32768, 1}, true},
                           {"D5", {"GQA-32x8", 8, 1024, 16}, false}};
   for (const Named& n : shapes) {
-    for (kvattn::kv_dtype dtype : {kvattn::kv_dtype::f16, kvattn::kv_dtype::bf16, kvattn::kv_dtype::f32})
-      for (kvattn::isa path : kvattn::supported_isas())
-        for (kvattn::fpmath_mode fpmath : {kvattn::fpmath_mode::strict, kvattn::fpmath_mode::bf16}) {
-          // bf16 products only where a kernel takes them: bf16 storage, the AVX-512 path with
-          // AVX512_BF16, groups of 2 to 8 (D2, D4, D5; D1 and D3 would run the strict kernels).
-          const int group = q_heads / n.shape.kv_heads;
-          const bool products = dtype == kvattn::kv_dtype::bf16 && path == kvattn::isa::avx512 && kvattn::cpu_supports_bf16_dot() &&
-                                group >= 2 && group <= 8;
-          if (fpmath == kvattn::fpmath_mode::bf16 && !products) continue;
-          for (bool cold : {false, true}) {
-            if (cold && !n.cold) continue;
-            const std::string name = std::string("Roofline/") + n.id + "/" + std::string(kvattn::dtype_name(dtype)) + "/" +
-                                     std::string(kvattn::isa_name(path)) +
-                                     (fpmath == kvattn::fpmath_mode::bf16 ? "/fpmath_bf16" : "") + (cold ? "/cold" : "");
-            auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, fpmath, cold);
-            b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
-            if (cold) b->Iterations(20);
-          }
-        }
+    for_each_variant(n.shape.q_heads / n.shape.kv_heads, [&](kvattn::kv_dtype dtype, kvattn::isa path, kvattn::fpmath_mode fpmath) {
+      for (bool cold : {false, true}) {
+        if (cold && !n.cold) continue;
+        const std::string name = std::string("Roofline/") + n.id + "/" + variant_name(dtype, path, fpmath) + (cold ? "/cold" : "");
+        auto* b = benchmark::RegisterBenchmark(name.c_str(), BM_Roofline, n.shape, dtype, path, fpmath, cold);
+        b->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+        if (cold) b->Iterations(20);
+      }
+    });
     benchmark::RegisterBenchmark((std::string("RooflineEigenNaive/") + n.id).c_str(), BM_DecodeEigenNaive, n.shape)
         ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
   }
+}
+
+/// The kernels' own arithmetic, without memory: decode of one sequence whose K/V (T=512, 256 KiB
+/// at 16 bits, 512 KiB at f32) stay in one core's L2 across steps, on one thread, for the query
+/// groups of the shapes: 1 (D1), 4 (D2, D4, D5) and 32 (D3). Beside the FMA peak (the
+/// floor there, but for group 1), floor_ratio says how far a kernel's instructions alone are from
+/// the peak; a decode whose floor is the FMA peak (fma_over_stream near or above 1, as D2 and D3
+/// are on a machine with a fast L3) can expect little below it with the same kernel (only the
+/// per-call work weighs less over a longer context).
+void register_in_cache() {
+  const Shape shapes[] = {{"MHA-1x1", 1, 512, 1, 1}, {"GQA-4x1", 1, 512, 1, 4}, {"MQA-32x1", 1, 512, 1, 32}};
+  for (const Shape& s : shapes)
+    for_each_variant(s.q_heads / s.kv_heads, [&](kvattn::kv_dtype dtype, kvattn::isa path, kvattn::fpmath_mode fpmath) {
+      benchmark::RegisterBenchmark(("InCache/" + s.key() + "/" + variant_name(dtype, path, fpmath)).c_str(), BM_Roofline, s, dtype, path,
+                                   fpmath, false)
+          ->ArgName("threads")->Arg(1)->Unit(benchmark::kMicrosecond)->UseManualTime();
+    });
 }
 
 /// How far streaming and computing overlap on this machine: a streaming read of 16 MiB (D2's bf16
@@ -497,6 +526,7 @@ int main(int argc, char** argv) {
   register_design<2>("GQA-32x2");
   register_design<1>("MQA-32x1");
   register_roofline();
+  register_in_cache();
   register_overlap();
   return kvattn_bench::run_main(static_cast<int>(args.size()), args.data(),
                                 "  --kv_dtype=f16|bf16|f32  storage type of the Decode grid's kvattn caches (default f16)\n"
