@@ -424,11 +424,12 @@ void register_roofline() {
 
 /// The kernels' own arithmetic, without memory: decode of one sequence whose K/V (T=512, 256 KiB
 /// at 16 bits, 512 KiB at f32) stay in one core's L2 across steps, on one thread, for the query
-/// groups of the shapes: 1 (D1), 4 (D2, D4, D5) and 32 (D3). Beside the FMA peak (the
-/// floor there, but for group 1), floor_ratio says how far a kernel's instructions alone are from
-/// the peak; a decode whose floor is the FMA peak (fma_over_stream near or above 1, as D2 and D3
-/// are on a machine with a fast L3) can expect little below it with the same kernel (only the
-/// per-call work weighs less over a longer context).
+/// groups of the shapes: 1 (D1), 4 (D2, D4, D5) and 32 (D3). Where the FMA peak is the
+/// floor (fma_over_stream above 1: groups 4 and 32; group 1's is mostly the L2 stream), floor_ratio
+/// says how far a kernel's instructions alone are from the peak; a decode whose floor is the FMA
+/// peak in memory too (fma_over_stream near or above 1, as D2 and D3 are on a machine with a fast
+/// L3) can expect little below it with the same kernel (only the per-call work weighs less over a
+/// longer context).
 void register_in_cache() {
   const Shape shapes[] = {{"MHA-1x1", 1, 512, 1, 1}, {"GQA-4x1", 1, 512, 1, 4}, {"MQA-32x1", 1, 512, 1, 32}};
   for (const Shape& s : shapes)
