@@ -446,8 +446,7 @@ class KvCache {
         for (std::int64_t t = 0; t < n; ++t) {
           const std::int64_t p = pos + t;
           std::byte* block = s.blocks[static_cast<std::size_t>(p / sv.block_tokens)];
-          // A block still in the plan is a shared one this sequence kept (copies are new blocks).
-          const bool save = record != nullptr && shared.planned(block);
+          const bool save = record != nullptr && shared.keeps(s, block);
           for (int h = 0; h < sv.kv_heads; ++h) {
             const std::int64_t at = sv.row_offset(h, p % sv.block_tokens);
             if (save)
@@ -494,22 +493,27 @@ class KvCache {
     /// Blocks to copy: every writer's, but one per block its writers alone share.
     std::int64_t copies() const {
       std::int64_t n = 0;
-      for (const auto& [block, w] : blocks_) n += w.count - (w.count == w.refs ? 1 : 0);
+      for (const auto& [block, w] : blocks_) n += w.count - (w.all_write() ? 1 : 0);
       return n;
     }
     /// Whether s keeps `block` (planned, written by all its sharers, s the longest). Never throws.
     bool keeps(const Sequence& s, std::byte* block) const noexcept {
       const auto it = blocks_.find(block);
-      return it != blocks_.end() && it->second.count == it->second.refs && it->second.keeper == &s;
+      return it != blocks_.end() && it->second.kept_by(s);
     }
-    /// Whether `block` is one the plan names (shared when planned). Never throws.
-    bool planned(std::byte* block) const noexcept { return blocks_.contains(block); }
+    /// Whether s copies `block` before writing it (planned, and s does not keep it). Never throws.
+    bool copied_by(const Sequence& s, std::byte* block) const noexcept {
+      const auto it = blocks_.find(block);
+      return it != blocks_.end() && !it->second.kept_by(s);
+    }
 
    private:
     struct Writers {
       std::int32_t refs;       // references when planned
       std::int32_t count = 0;  // sequences of the batch writing it
       const Sequence* keeper = nullptr;  // the longest writer (lengths do not change while planning)
+      bool all_write() const { return count == refs; }
+      bool kept_by(const Sequence& s) const { return all_write() && keeper == &s; }
     };
     std::unordered_map<std::byte*, Writers> blocks_;
   };
@@ -541,7 +545,7 @@ class KvCache {
                       const std::vector<std::byte*>& fresh, std::size_t next, ChangeRecord* record) noexcept {
     for (std::int64_t i = first; i < last; ++i) {
       std::byte*& block = s.blocks[static_cast<std::size_t>(i)];
-      if (!shared.planned(block) || shared.keeps(s, block)) continue;
+      if (!shared.copied_by(s, block)) continue;
       if (record) record->copied.push_back({&s, static_cast<std::size_t>(i), block});
       std::memcpy(fresh[next], block, static_cast<std::size_t>(block_bytes_));
       --refcount_.find(block)->second;
