@@ -99,6 +99,7 @@ double run_case(const Case& c, L layout, std::uint64_t seed) {
   std::vector<float> out(q.size(), std::nanf(""));
   AttentionOptions opt;
   opt.threads = c.threads;
+  opt.min_pairs_per_thread = 0;  // the threads asked for run, however small the case
   opt.scale = c.scale;
   if (c.m == mode::decode)
     decode(cache, c.layer, ids, q.data(), out.data(), opt);
@@ -194,6 +195,7 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
       std::vector<float> out(q.size());
       AttentionOptions opt;
       opt.threads = threads;
+      opt.min_pairs_per_thread = 0;
       if (m == mode::decode)
         decode(cache, 0, ids, q.data(), out.data(), opt);
       else
@@ -254,6 +256,7 @@ TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
       std::vector<float> out(q.size());
       AttentionOptions opt;
       opt.threads = threads;
+      opt.min_pairs_per_thread = 0;
       opt.fpmath = fpmath;
       decode(cache, 0, ids, q.data(), out.data(), opt);
       return out;
@@ -496,6 +499,9 @@ TEST(AttentionErrors, BadInputsAreRejected) {
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_threads); }, "-5");
   bad_threads.threads = max_thread_count + 1;  // each thread would take its own scratch
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_threads); }, "1025");
+  AttentionOptions bad_grain;
+  bad_grain.min_pairs_per_thread = -3;
+  expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_grain); }, "-3");
   EXPECT_THROW(set_num_threads(max_thread_count + 1), config_error);
   // The last token's row, (tokens - 1) x stride, must not wrap: 4 query tokens 2^62 floats apart.
   AttentionOptions huge_stride;
@@ -535,6 +541,20 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (1024): 4 items.
   plan = decode_plan(1, 1, 4096);
   EXPECT_EQ(plan.items.size(), 4u);
+  // Short contexts of few units go below the minimum chunk to make about 4 items (min_split_items),
+  // down to 256 keys: 1024 keys -> 4 chunks of 256, 2048 -> 4 of 512, 300 -> 2 (256 and 44); 256
+  // keys stay one item; 8 heads x 1024 keys already make 8 units of 1024: no split.
+  plan = decode_plan(1, 1, 1024);
+  EXPECT_EQ(plan.items.size(), 4u);
+  for (const auto& w : plan.items) EXPECT_EQ(w.key_end - w.key_begin, 256);
+  plan = decode_plan(1, 1, 2048);
+  EXPECT_EQ(plan.items.size(), 4u);
+  EXPECT_EQ(plan.items[0].key_end - plan.items[0].key_begin, 512);
+  EXPECT_EQ(decode_plan(1, 1, 300).items.size(), 2u);
+  EXPECT_EQ(decode_plan(1, 1, 256).items.size(), 1u);
+  plan = decode_plan(8, 1, 1024);
+  EXPECT_EQ(plan.items.size(), 8u);
+  EXPECT_TRUE(plan.merges.empty());
   // Ragged tail: 5000 keys in chunks of 1024 -> 5 chunks, the last one 904 keys.
   plan = decode_plan(1, 1, 5000);
   ASSERT_EQ(plan.items.size(), 5u);
@@ -567,6 +587,24 @@ TEST(Plan, SplitItemsRunChunkByChunkAcrossHeadsAndNameTheirMerge) {
   for (std::size_t m = 0; m < plan.merges.size(); ++m) EXPECT_EQ(chunks_of_merge[m], plan.merges[m].chunks);
   // Unsplit items name no merge.
   for (const auto& w : decode_plan(8, 16, 1024).items) EXPECT_EQ(w.merge, -1);
+}
+
+TEST(Plan, SmallCallsStartFewerThreadsThanAsked) {
+  const kernels::ThreadRules rules;  // 2048 pairs per thread, 64 more per item
+  // 1 head x 16 keys: 16 + 64 pairs, one thread whatever is asked.
+  EXPECT_EQ(rules.threads_for(decode_plan(1, 1, 16), 4), 1);
+  // 32 heads x 64 keys (one query row each): 32 x (64 + 64) = 4096 pairs, two threads.
+  EXPECT_EQ(rules.threads_for(decode_plan(32, 1, 64), 4), 2);
+  EXPECT_EQ(rules.threads_for(decode_plan(32, 1, 64), 1), 1);
+  // Large calls get every thread asked for, up to one per item; 0 asks for one thread.
+  EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 3), 3);
+  // 8 heads x 4096 keys in 32 items of 1024: 32768 + 32 x 64 pairs, 17 threads of the 64 asked.
+  EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 64), 17);
+  EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 0), 1);
+  // min_pairs 0: every thread asked for, up to one per item.
+  const kernels::ThreadRules all{.min_pairs = 0};
+  EXPECT_EQ(all.threads_for(decode_plan(1, 1, 16), 4), 1);
+  EXPECT_EQ(all.threads_for(decode_plan(4, 1, 16), 4), 4);
 }
 
 TEST(Parallel, LookaheadRunsEveryItemOnceAndNamesEachThreadsNextItem) {

@@ -49,13 +49,24 @@ struct SplitRules {
   /// model 207, f16, medians of 5 interleaved runs, 512 -> 1024 keys: GQA 32/8 T=4096 decode 483 ->
   /// 470 us, MQA 32/1 T=4096 281 -> 268 us).
   std::int64_t min_chunk_keys = 1024;
+  /// Short contexts may go below min_chunk_keys, down to short_chunk_keys, so that the batch still
+  /// makes about min_split_items items: an MQA decode of 1024 keys (one unit) is otherwise one item
+  /// that one thread runs while the others wait. On an AMD EPYC family 26 (MQA 32/1 d=128 f16, B=1,
+  /// T=1024, scripts/ab-decode, median b/a of 3 runs), 4 chunks of 256 against one item took 0.691x
+  /// the time on 2 threads and 1.086x on one (three more chunk start-ups and a merge).
+  int min_split_items = 4;
+  std::int64_t short_chunk_keys = 256;
 
   /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
   /// queries) attend to total_keys keys in all: one power of two for the whole batch, about
-  /// total / target_items. A function of the data only, never of the thread count.
+  /// total / target_items, at least min_chunk_keys unless that leaves fewer than min_split_items
+  /// chunks (then at least short_chunk_keys). A function of the data only, never of the thread count.
   std::int64_t chunk_keys(std::int64_t total_keys) const {
-    const auto per_item = static_cast<std::uint64_t>(ceil_div(total_keys, target_items));
-    return std::max<std::int64_t>(min_chunk_keys, static_cast<std::int64_t>(std::bit_ceil(per_item)));
+    const auto per = [&](std::int64_t items) {
+      return static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(ceil_div(total_keys, items))));
+    };
+    const std::int64_t least = std::clamp(per(min_split_items), short_chunk_keys, min_chunk_keys);
+    return std::max(least, per(target_items));
   }
 };
 
@@ -83,11 +94,37 @@ struct AttentionPlan {
   std::vector<MergeItem> merges;
   std::int64_t partials = 0;  ///< partial results (each rows_per_item rows)
   int max_rows = 0;           ///< query rows of the largest item
+  int group = 1;              ///< query rows per token of an item (Hq / Hkv)
+};
+
+/// How many of the threads a call asks for it starts: a thread costs a start-up and each work item
+/// a claim between threads (on AMD EPYC family 26 an OpenMP region of 2 threads takes 2.9 us, a
+/// cache line moves between the cores in 0.2 us), so a small call runs faster on fewer. Work is
+/// counted in (query row, key) pairs, plus item_pairs per work item; each thread started gets at
+/// least min_pairs (0: every thread asked for runs, up to one per item). Measured there (d=128 f16
+/// decode, B=1, medians of 4000 alternating calls, 1 thread / 2 threads): GQA 32/8 T=16 4.6 / 7.0
+/// us, T=64 9.7 / 9.1 us, T=128 15.7 / 12.0 us; MHA 32/32 T=16 8.4 / 15.0 us, T=64 22.0 / 21.0 us.
+/// Results never depend on it: the plan does not.
+struct ThreadRules {
+  std::int64_t min_pairs = 2048;
+  std::int64_t item_pairs = 64;
+
+  int threads_for(const AttentionPlan& plan, int asked) const {
+    const auto items = static_cast<std::int64_t>(plan.items.size());
+    std::int64_t limit = std::max<std::int64_t>(1, items);
+    if (min_pairs > 0) {
+      std::int64_t pairs = 0;
+      for (const WorkItem& w : plan.items) pairs += (w.key_end - w.key_begin) * w.n_tokens * plan.group;
+      limit = std::min(limit, std::max<std::int64_t>(1, (pairs + items * item_pairs) / min_pairs));
+    }
+    return static_cast<int>(std::clamp<std::int64_t>(asked, 1, limit));
+  }
 };
 
 inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules& rules = {}) {
   AttentionPlan plan;
   const int group = pb.q_heads / pb.slot.kv_heads;
+  plan.group = group;
   // Split only when the batch has fewer (sequence, KV head, query tile) units than target_items;
   // the chunk comes from the keys of the units that may be split (few queries).
   std::int64_t units = 0, total_keys = 0;
@@ -146,7 +183,8 @@ T* reused_buffer(std::size_t n) {
   return buffer.data();
 }
 
-/// Runs a planned problem with the given tile kernel on `threads` threads.
+/// Runs a planned problem with the given tile kernel on `threads` threads (ThreadRules::threads_for
+/// already applied).
 inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan, TileKernel kernel, int threads) {
   const int d = pb.slot.head_dim;
   const int group = pb.q_heads / pb.slot.kv_heads;

@@ -19,6 +19,10 @@ struct AttentionOptions {
   std::int64_t q_stride = 0;     ///< floats between query tokens; 0 means Hq x d (dense)
   std::int64_t out_stride = 0;   ///< floats between output tokens; 0 means Hq x d (dense)
   fpmath_mode fpmath = fpmath_mode::strict;  ///< arithmetic allowed on stored K/V (see fpmath_mode)
+  /// Work each thread must get for a call to start it, in (query row, key) pairs (see
+  /// kernels::ThreadRules): small calls run on fewer threads than asked, as they run faster so.
+  /// 0: every thread asked for runs (up to one per work item). Results never depend on it.
+  std::int64_t min_pairs_per_thread = kernels::ThreadRules{}.min_pairs;
 };
 
 namespace detail {
@@ -32,6 +36,7 @@ struct TokenStrides {
 /// returns their token strides.
 inline TokenStrides check_options(const AttentionOptions& opt, std::int64_t row, const char* what) {
   check_thread_count(opt.threads, what);
+  if (opt.min_pairs_per_thread < 0) fail<config_error>(what, ": min_pairs_per_thread must be >= 0, got ", opt.min_pairs_per_thread);
   const TokenStrides s{opt.q_stride == 0 ? row : opt.q_stride, opt.out_stride == 0 ? row : opt.out_stride};
   if (s.q < row || s.out < row)
     fail<shape_error>(what, ": token strides (q ", s.q, ", out ", s.out, ") must be >= Hq x d = ", row);
@@ -89,7 +94,8 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   const bool one_token = std::all_of(counts.begin(), counts.end(), [](std::int64_t n) { return n == 1; });
   const kernels::TileKernel kernel = kernels::select_tile_kernel<Heads::static_group_size, Heads::static_head_dim>(
       cache.config().dtype(), heads.group_size(), d, active_isa(), one_token ? opt.fpmath : fpmath_mode::strict);
-  kernels::run_attention(pb, plan, kernel, resolve_threads(opt.threads));
+  const kernels::ThreadRules thread_rules{.min_pairs = opt.min_pairs_per_thread};
+  kernels::run_attention(pb, plan, kernel, thread_rules.threads_for(plan, resolve_threads(opt.threads)));
 }
 
 }  // namespace detail

@@ -57,8 +57,8 @@ class AttentionLayer {
   /// tokens' positions: call cache.extend(seqs, counts) once per step before the first layer
   /// (AttentionStack does it). Token i of a sequence of length L after extend gets position L - n + i.
   /// Each sequence appears at most once.
-  /// Of the options, scale, threads and fpmath apply; the token strides must be 0 (the layer's own
-  /// queries and outputs are dense).
+  /// Of the options, scale, threads, min_pairs_per_thread and fpmath apply; the token strides must
+  /// be 0 (the layer's own queries and outputs are dense).
   template <KvLayoutPolicy L>
   void forward(KvCache<L>& cache, std::span<const seq_id> seqs, std::span<const std::int64_t> counts, const float* x,
                float* y, const AttentionOptions& opt = {}) {
