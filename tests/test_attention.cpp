@@ -541,15 +541,15 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (1024): 4 items.
   plan = decode_plan(1, 1, 4096);
   EXPECT_EQ(plan.items.size(), 4u);
-  // Short contexts of few units go below the minimum chunk to make about 4 items (min_split_items),
-  // down to 256 keys: 1024 keys -> 4 chunks of 256, 2048 -> 4 of 512, 300 -> 2 (256 and 44); 256
+  // Short contexts of few units go below the minimum chunk to make about 2 items (min_split_items),
+  // down to 256 keys: 1024 keys -> 2 chunks of 512, 512 -> 2 of 256, 300 -> 2 (256 and 44); 256
   // keys stay one item; 8 heads x 1024 keys already make 8 units of 1024: no split.
   plan = decode_plan(1, 1, 1024);
-  EXPECT_EQ(plan.items.size(), 4u);
-  for (const auto& w : plan.items) EXPECT_EQ(w.key_end - w.key_begin, 256);
-  plan = decode_plan(1, 1, 2048);
-  EXPECT_EQ(plan.items.size(), 4u);
-  EXPECT_EQ(plan.items[0].key_end - plan.items[0].key_begin, 512);
+  EXPECT_EQ(plan.items.size(), 2u);
+  for (const auto& w : plan.items) EXPECT_EQ(w.key_end - w.key_begin, 512);
+  plan = decode_plan(1, 1, 512);
+  EXPECT_EQ(plan.items.size(), 2u);
+  EXPECT_EQ(plan.items[0].key_end - plan.items[0].key_begin, 256);
   EXPECT_EQ(decode_plan(1, 1, 300).items.size(), 2u);
   EXPECT_EQ(decode_plan(1, 1, 256).items.size(), 1u);
   plan = decode_plan(8, 1, 1024);

@@ -53,8 +53,10 @@ struct SplitRules {
   /// makes about min_split_items items: an MQA decode of 1024 keys (one unit) is otherwise one item
   /// that one thread runs while the others wait. On an AMD EPYC family 26 (MQA 32/1 d=128 f16, B=1,
   /// T=1024, scripts/ab-decode, median b/a of 3 runs), 4 chunks of 256 against one item took 0.691x
-  /// the time on 2 threads and 1.086x on one (three more chunk start-ups and a merge).
-  int min_split_items = 4;
+  /// the time on 2 threads and 1.086x on one (chunk start-ups and a merge); 2 chunks of 512 against
+  /// 4 of 256 took 0.870x on 2 threads, 0.953x on one (T=512, 2 chunks of 256 either way: 1.002x);
+  /// 2 chunks against one item, 0.571x on 2 threads, 1.032x on one.
+  int min_split_items = 2;
   std::int64_t short_chunk_keys = 256;
 
   /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
