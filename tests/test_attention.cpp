@@ -596,9 +596,9 @@ TEST(Plan, SmallCallsStartFewerThreadsThanAsked) {
   // 32 heads x 64 keys (one query row each): 32 x (64 + 64) = 4096 pairs, two threads.
   EXPECT_EQ(rules.threads_for(decode_plan(32, 1, 64), 4), 2);
   EXPECT_EQ(rules.threads_for(decode_plan(32, 1, 64), 1), 1);
-  // Large calls get every thread asked for, up to one per item; 0 asks for one thread.
+  // A large call gets the threads asked for, up to its pairs / 2048: 8 heads x 4096 keys in 32
+  // items of 1024 make 32768 + 32 x 64 pairs, so 3 threads of 3 asked, 17 of 64. 0 means one.
   EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 3), 3);
-  // 8 heads x 4096 keys in 32 items of 1024: 32768 + 32 x 64 pairs, 17 threads of the 64 asked.
   EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 64), 17);
   EXPECT_EQ(rules.threads_for(decode_plan(8, 1, 4096), 0), 1);
   // min_pairs 0: every thread asked for, up to one per item.

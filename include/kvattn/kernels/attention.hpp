@@ -102,11 +102,12 @@ struct AttentionPlan {
 /// How many of the threads a call asks for it starts: a thread costs a start-up and each work item
 /// a claim between threads (on AMD EPYC family 26 an OpenMP region of 2 threads takes 2.9 us, a
 /// cache line moves between the cores in 0.2 us), so a small call runs faster on fewer. Work is
-/// counted in (query row, key) pairs, plus item_pairs per work item; each thread started gets at
-/// least min_pairs (0: every thread asked for runs, up to one per item). Measured there (d=128 f16
-/// decode, B=1, medians of 4000 alternating calls, 1 thread / 2 threads): GQA 32/8 T=16 4.6 / 7.0
-/// us, T=64 9.7 / 9.1 us, T=128 15.7 / 12.0 us; MHA 32/32 T=16 8.4 / 15.0 us, T=64 22.0 / 21.0 us.
-/// Results never depend on it: the plan does not.
+/// counted in (query row, key) pairs over each item's key range (for a causal chunk, its last
+/// token's), plus item_pairs per work item; each thread started gets at least min_pairs (0: every
+/// thread asked for runs, up to one per item). Measured there before this rule (d=128 f16 decode,
+/// B=1, medians of 4000 alternating calls, 1 thread / 2 threads): GQA 32/8 T=16 4.6 / 7.0 us, T=64
+/// 9.7 / 9.1 us, T=128 15.7 / 12.0 us; MHA 32/32 T=16 8.4 / 15.0 us, T=64 22.0 / 21.0 us. Results
+/// never depend on it: the plan does not.
 struct ThreadRules {
   std::int64_t min_pairs = 2048;
   std::int64_t item_pairs = 64;
