@@ -186,15 +186,15 @@ T* reused_buffer(std::size_t n) {
   return buffer.data();
 }
 
-/// Runs a planned problem with the given tile kernel on `threads` threads (ThreadRules::threads_for
-/// already applied).
-inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan, TileKernel kernel, int threads) {
+/// Runs a planned problem with the given tile kernel on the threads `rules` grants of those asked.
+inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan, TileKernel kernel, int asked_threads,
+                          const ThreadRules& rules = {}) {
   const int d = pb.slot.head_dim;
-  const int group = pb.q_heads / pb.slot.kv_heads;
+  const int group = plan.group;
   const std::int64_t rows = plan.max_rows;
   // Per-thread scratch: tile scratch plus the item's outputs, in whole 64-byte lines.
   const std::int64_t per_thread = (tile_scratch_floats(plan.max_rows, d) + rows * d + 15) / 16 * 16;
-  threads = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(threads, std::int64_t(plan.items.size()))));
+  const int threads = rules.threads_for(plan, asked_threads);
   // All memory comes from here, the calling thread's reused buffers; the loops below only index into it.
   // Each thread's and each split item's states and partial outputs start on a 64-byte line of their
   // own: packed, the states of 8 one-row items share a line, which two cores writing them at once

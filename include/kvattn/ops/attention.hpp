@@ -94,8 +94,7 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   const bool one_token = std::all_of(counts.begin(), counts.end(), [](std::int64_t n) { return n == 1; });
   const kernels::TileKernel kernel = kernels::select_tile_kernel<Heads::static_group_size, Heads::static_head_dim>(
       cache.config().dtype(), heads.group_size(), d, active_isa(), one_token ? opt.fpmath : fpmath_mode::strict);
-  const kernels::ThreadRules thread_rules{.min_pairs = opt.min_pairs_per_thread};
-  kernels::run_attention(pb, plan, kernel, thread_rules.threads_for(plan, resolve_threads(opt.threads)));
+  kernels::run_attention(pb, plan, kernel, resolve_threads(opt.threads), kernels::ThreadRules{.min_pairs = opt.min_pairs_per_thread});
 }
 
 }  // namespace detail
