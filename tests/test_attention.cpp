@@ -218,6 +218,10 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   check(c);
   c.m = mode::prefill, c.dtype = kv_dtype::f16, c.prefix = {6000}, c.chunk = {5};
   check(c);
+  // 8 KV heads x 3001 keys: 8 units of 3 chunks, which 1 and 2 threads claim unit by unit (merging
+  // their own chunks) and 3 and 4 chunk by chunk (kernels::claim_order).
+  c.m = mode::decode, c.hq = 16, c.hkv = 8, c.prefix = {3000}, c.chunk = {1};
+  check(c);
 }
 
 TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
@@ -587,6 +591,47 @@ TEST(Plan, SplitItemsRunChunkByChunkAcrossHeadsAndNameTheirMerge) {
   for (std::size_t m = 0; m < plan.merges.size(); ++m) EXPECT_EQ(chunks_of_merge[m], plan.merges[m].chunks);
   // Unsplit items name no merge.
   for (const auto& w : decode_plan(8, 16, 1024).items) EXPECT_EQ(w.merge, -1);
+}
+
+TEST(Plan, ThreadsClaimWholeSplitUnitsWhenEachIsASmallShare) {
+  // Every item once; run r = order[begin[r] .. begin[r + 1]).
+  auto items_of = [](const kernels::AttentionPlan& plan, const kernels::ClaimOrder& claims) {
+    std::vector<int> seen(plan.items.size(), 0);
+    EXPECT_EQ(claims.begin[0], 0);
+    EXPECT_EQ(claims.begin[claims.runs], static_cast<std::int64_t>(plan.items.size()));
+    for (std::int64_t k = 0; k < claims.begin[claims.runs]; ++k) ++seen[static_cast<std::size_t>(claims.order[k])];
+    for (std::size_t i = 0; i < seen.size(); ++i) EXPECT_EQ(seen[i], 1) << "item " << i;
+  };
+  // 8 heads x 4096 keys: 8 units of 4 chunks, each unit 1/8 of the work. Up to 2 threads (a unit
+  // at most a quarter of a thread's share) claim whole units, each in key order; 3 claim chunks.
+  const auto plan = decode_plan(8, 1, 4096);
+  for (int threads : {1, 2}) {
+    const kernels::ClaimOrder claims = kernels::claim_order(plan, threads);
+    items_of(plan, claims);
+    ASSERT_EQ(claims.runs, 8);
+    for (std::int64_t r = 0; r < claims.runs; ++r) {
+      ASSERT_EQ(claims.begin[r + 1] - claims.begin[r], 4);
+      const auto& first = plan.items[static_cast<std::size_t>(claims.order[claims.begin[r]])];
+      for (std::int64_t c = 0; c < 4; ++c) {
+        const auto& w = plan.items[static_cast<std::size_t>(claims.order[claims.begin[r] + c])];
+        EXPECT_EQ(w.merge, first.merge);
+        EXPECT_EQ(w.key_begin, c * 1024);
+      }
+    }
+  }
+  kernels::ClaimOrder claims = kernels::claim_order(plan, 3);
+  items_of(plan, claims);
+  EXPECT_EQ(claims.runs, 32);
+  for (std::int64_t r = 0; r < claims.runs; ++r) EXPECT_EQ(claims.order[r], r);  // the plan's order
+  // One split unit (all the work) and unsplit plans: one item per run.
+  const auto one_unit = decode_plan(1, 1, 4096);
+  claims = kernels::claim_order(one_unit, 1);
+  items_of(one_unit, claims);
+  EXPECT_EQ(claims.runs, 4);
+  const auto unsplit = decode_plan(8, 16, 1024);
+  claims = kernels::claim_order(unsplit, 2);
+  items_of(unsplit, claims);
+  EXPECT_EQ(claims.runs, 128);
 }
 
 TEST(Plan, SmallCallsStartFewerThreadsThanAsked) {
