@@ -177,7 +177,7 @@ TEST_P(PerIsa, LongContext) {
 TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   // Bitwise: the plan depends only on the data, and every sum runs in the same order.
   std::mt19937_64 rng(41);
-  auto check = [&](const Case& c) {
+  auto check = [&](const Case& c, fpmath_mode fpmath = fpmath_mode::strict) {
     const mode m = c.m;
     const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::none(1), c.dtype);
     KvCache<PagedLayout> cache(cfg, PagedLayout{16});
@@ -196,6 +196,7 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
       AttentionOptions opt;
       opt.threads = threads;
       opt.min_pairs_per_thread = 0;
+      opt.fpmath = fpmath;
       if (m == mode::decode)
         decode(cache, 0, ids, q.data(), out.data(), opt);
       else
@@ -218,10 +219,16 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   check(c);
   c.m = mode::prefill, c.dtype = kv_dtype::f16, c.prefix = {6000}, c.chunk = {5};
   check(c);
-  // 8 KV heads x 3001 keys: 8 units of 3 chunks, which 1 and 2 threads claim unit by unit (merging
-  // their own chunks) and 3 and 4 chunk by chunk (kernels::claim_order).
-  c.m = mode::decode, c.hq = 16, c.hkv = 8, c.prefix = {3000}, c.chunk = {1};
-  check(c);
+  // 8 KV heads x 3001 keys: 8 units of 3 chunks, which 1 and 2 threads claim unit by unit, each
+  // in one kernel pass (AttendTile::chunk_keys), and 3 and 4 chunk by chunk (kernels::claim_order):
+  // every direct-kernel row count and storage type, bf16 pair products, a buffered group (3).
+  c.m = mode::decode, c.d = 64, c.prefix = {3000}, c.chunk = {1}, c.hkv = 8;
+  for (kv_dtype dtype : {kv_dtype::f16, kv_dtype::bf16, kv_dtype::f32})
+    for (int group : {1, 2, 3, 4, 8, 16}) {
+      c.dtype = dtype, c.hq = 8 * group;
+      check(c);
+      if (dtype == kv_dtype::bf16) check(c, fpmath_mode::bf16);
+    }
 }
 
 TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {

@@ -48,6 +48,12 @@ struct AttendTile {
   /// The tile this thread computes next, if known (outputs unset): a kernel may prefetch its first
   /// keys while it finishes this one, so a split-K chunk does not start waiting on memory.
   const AttendTile* next = nullptr;
+  /// > 0: the keys are split-K chunks of this many keys from key_begin on, each with a result of its
+  /// own, exactly as if each chunk were a tile: chunk c's states at states + c x chunk_states, its
+  /// outputs at acc + c x chunk_acc. One thread running a whole unit's chunks thus keeps its
+  /// kernel's pipeline and prefetches going across them (for_each_chunk runs them one at a time).
+  std::int64_t chunk_keys = 0;
+  std::int64_t chunk_states = 0, chunk_acc = 0;
 
   /// End of the keys the tile attends to: its key range cut where its last token stops seeing.
   std::int64_t keys_end() const { return std::min(key_end, visible_end0 + (n_tokens - 1) * visible_step); }
@@ -56,6 +62,34 @@ struct AttendTile {
     return static_cast<int>(std::clamp<std::int64_t>(visible_end0 + token * visible_step - k0, 0, n));
   }
 };
+
+/// Runs run(chunk) on each split-K chunk of a tile with chunk_keys > 0, in key order, as tiles of
+/// their own (with results where the tile says, each naming the next as its `next`): for kernels,
+/// or shapes, that do not take chunks in one pass.
+template <class Run>
+void for_each_chunk(const AttendTile& t, Run&& run) {
+  const auto chunk = [&](std::int64_t c) {
+    AttendTile ct = t;
+    ct.key_begin = t.key_begin + c * t.chunk_keys;
+    ct.key_end = std::min(t.key_end, ct.key_begin + t.chunk_keys);
+    ct.chunk_keys = 0;
+    ct.states = t.states + c * t.chunk_states;
+    ct.acc = t.acc + c * t.chunk_acc;
+    return ct;
+  };
+  const std::int64_t chunks = (t.key_end - t.key_begin + t.chunk_keys - 1) / t.chunk_keys;
+  AttendTile tiles[2] = {chunk(0), {}};
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    AttendTile& cur = tiles[c & 1];
+    if (c + 1 < chunks) {
+      tiles[(c + 1) & 1] = chunk(c + 1);
+      cur.next = &tiles[(c + 1) & 1];
+    } else {
+      cur.next = t.next;
+    }
+    run(static_cast<const AttendTile&>(cur));
+  }
+}
 
 /// A tile kernel: `run` computes a tile's states and accumulators; `load` is its row converter.
 struct TileKernel {
@@ -74,6 +108,7 @@ inline std::int64_t tile_scratch_floats(int rows, int d) {
 /// StaticGroup / StaticDim fix those values at compile time (`dynamic`: read from the tile).
 template <kv_dtype Dtype, int StaticGroup = dynamic, int StaticDim = dynamic>
 void attend_tile_portable(const AttendTile& t, float* scratch) {
+  if (t.chunk_keys > 0) return for_each_chunk(t, [&](const AttendTile& c) { attend_tile_portable<Dtype, StaticGroup, StaticDim>(c, scratch); });
   using S = storage<Dtype>;
   using T = typename S::type;
   const int group = StaticGroup != dynamic ? StaticGroup : t.group;

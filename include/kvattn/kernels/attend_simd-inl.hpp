@@ -260,16 +260,22 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET float softmax_row(float* s, int limit, float*
   return alpha;
 }
 
-/// Hands the rows' results to the caller: states in natural-log units (as SoftmaxState::merge
-/// expects; a row that saw nothing stays empty) and unnormalized outputs, o_stride floats apart.
-KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float* m, const float* l, const float* o,
-                                      int o_stride, int d) {
+/// Hands the rows' softmax states to the caller in natural-log units (as SoftmaxState::merge
+/// expects; a row that saw nothing stays empty).
+KVATTN_ALWAYS_INLINE void finish_states(SoftmaxState* states, int rows, const float* m, const float* l) {
   constexpr float ln2 = 0.69314718055994530942f;
   for (int r = 0; r < rows; ++r) {
-    t.states[r].sum = l[r];
-    t.states[r].max = l[r] > 0.f ? m[r] * ln2 : -std::numeric_limits<float>::infinity();
-    std::copy_n(o + std::int64_t{r} * o_stride, d, t.acc + std::int64_t{r} * d);
+    states[r].sum = l[r];
+    states[r].max = l[r] > 0.f ? m[r] * ln2 : -std::numeric_limits<float>::infinity();
   }
+}
+
+/// Hands the rows' results to the caller: states (finish_states) and unnormalized outputs, o_stride
+/// floats apart.
+KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float* m, const float* l, const float* o,
+                                      int o_stride, int d) {
+  finish_states(t.states, rows, m, l);
+  for (int r = 0; r < rows; ++r) std::copy_n(o + std::int64_t{r} * o_stride, d, t.acc + std::int64_t{r} * d);
 }
 
 /// The tile kernel (kernels::TileKernel::run). StaticGroup / StaticDim: compile-time shape or `dynamic`.
@@ -279,6 +285,7 @@ KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float
 /// across rows. Both keep the online-softmax state in base 2 (queries are pre-scaled by log2 e).
 template <int StaticGroup, int StaticDim>
 __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
+  if (t.chunk_keys > 0) return for_each_chunk(t, [&](const AttendTile& c) { attend_tile<StaticGroup, StaticDim>(c, scratch); });
   constexpr int KT = key_tile_simd;
   constexpr int SD = StaticDim == dynamic ? dynamic : (StaticDim + L - 1) / L * L;
   const int group = StaticGroup != dynamic ? StaticGroup : t.group;
@@ -812,6 +819,27 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* 
     if (k < nv) direct_pv_pass_of<R, 1, SD, T, Dot>(o + k * L, d, alpha, p, pb, kr, v_bytes, k * L, nb, next_k);
 }
 
+/// The direct kernel's result so far for its R rows (a split-K chunk's, or the tile's): the states
+/// from the running max m and sum l (row r in lanes r * KB ..), and the outputs o in dim order,
+/// their zip (Dot) or pair (Paired) order undone straight into acc.
+template <int R, bool Dot, bool Paired>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_result(vec m, vec l, const float* o, int d, SoftmaxState* states, float* acc) {
+  constexpr int KB = L / R;
+  alignas(64) float lanes[2][L];
+  V::store(lanes[0], m);
+  V::store(lanes[1], l);
+  float mrow[R], lrow[R];
+  for (int r = 0; r < R; ++r) mrow[r] = lanes[0][r * KB], lrow[r] = lanes[1][r * KB];
+  finish_states(states, R, mrow, lrow);
+  if constexpr (Dot) {
+    unzip_rows(o, R, d, acc);
+  } else if constexpr (Paired) {
+    for (int r = 0; r < R; ++r) unpair_row(o + r * d, d, acc + r * d);
+  } else {
+    std::copy_n(o, R * d, acc);
+  }
+}
+
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K
 /// and V rows are converted in registers straight from the cache and each converted vector serves
 /// every row, so nothing is stored and reloaded (but 16 rows' 16-bit K, see direct_qk_lanes). R
@@ -820,6 +848,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv(float* o, int d, const float* 
 /// at once, row reductions within groups of KB lanes, no scalar steps.
 template <int R, int SD, kv_dtype Dtype, bool Bf16Dot = false>
 __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile& t, float* scratch, int d_runtime) {
+  if (t.chunk_keys > 0 && t.chunk_keys % direct_key_tile != 0)  // chunks that do not start on a tile
+    return for_each_chunk(t, [&](const AttendTile& c) { attend_rows_direct<R, SD, Dtype, Bf16Dot>(c, scratch, d_runtime); });
   using T = typename storage<Dtype>::type;
   // bf16 pair products (fpmath_mode::bf16, direct_bf16_dot): q and the probabilities are rounded
   // to bf16, outputs accumulate in zip order.
@@ -842,7 +872,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   float* kb = o + R * d;   // lanes_qk: 16 K rows, converted
   Eigen::bfloat16* qb = reinterpret_cast<Eigen::bfloat16*>(kb);  // dot: R x d, q as qs holds it, rounded to bf16
   alignas(64) Eigen::bfloat16 pb[dot ? R * KT : 1];  // dot: the current tile's probabilities, rounded
-  alignas(64) float lanes[4][L];  // per lane: key within its group, visible keys, alpha, scratch
+  alignas(64) float lanes[3][L];  // per lane: key within its group, visible keys, alpha
   float* key_of_lane = lanes[0];
   float* limit_of_lane = lanes[1];
   float* alpha = lanes[2];
@@ -928,7 +958,18 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
       direct_scores<R, SD, T>(qs, d, ring[0], rows_ahead_of[0], tile_keys(0), kb, scores[0]);
     }
   }
+  // Split-K chunks (t.chunk_keys): each starts on a tile, so at its first tile the previous chunk's
+  // result goes out and the rows start afresh, exactly as a tile of that chunk alone would; the
+  // pipeline (the next tile's dot products, the prefetches) runs on across the boundary.
+  const std::int64_t chunk_tiles = t.chunk_keys / KT;
+  std::int64_t chunk = 0;
   for (std::int64_t i = 0; i < n_tiles; ++i) {
+    if (chunk_tiles > 0 && i > 0 && i % chunk_tiles == 0) {
+      direct_result<R, dot, o_paired>(m, l, o, d, t.states + chunk * t.chunk_states, t.acc + chunk * t.chunk_acc);
+      ++chunk;
+      std::fill_n(o, R * d, 0.f);
+      m = V::set1(neg_inf), l = V::zero();
+    }
     const std::int64_t k0 = t.key_begin + i * KT;
     const int n = tile_keys(i);
     const int nb = (n + KB - 1) / KB;
@@ -975,20 +1016,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     }
     direct_pv<R, SD, T, dot>(o, d, alpha, p, pb, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
   }
-  float mrow[R], lrow[R];
-  V::store(lanes[3], m);
-  for (int r = 0; r < R; ++r) mrow[r] = lanes[3][r * KB];
-  V::store(lanes[3], l);
-  for (int r = 0; r < R; ++r) lrow[r] = lanes[3][r * KB];
-  if constexpr (dot) {  // back to dim order, through the q buffer (not used by pair products)
-    unzip_rows(o, R, d, qs);
-    o = qs;
-  }
-  if constexpr (o_paired) {  // back to dim order, through the q buffer (no longer needed)
-    for (int r = 0; r < R; ++r) unpair_row(o + r * d, d, qs + r * d);
-    o = qs;
-  }
-  finish_rows(t, R, mrow, lrow, o, d, d);
+  direct_result<R, dot, o_paired>(m, l, o, d, t.states + chunk * t.chunk_states, t.acc + chunk * t.chunk_acc);
 }
 
 /// Tile kernel with the storage type known at compile time: few rows take the direct kernel,

@@ -189,14 +189,15 @@ T* reused_buffer(std::size_t n) {
 /// The order in which threads claim a plan's items: run r is items order[begin[r] .. begin[r + 1]),
 /// which one thread runs in turn. Each item is its own run, unless every split unit (the chunks of
 /// one merge) is at most a quarter of a thread's share of the work: then each unit's chunks form one
-/// run, in key order, so the thread that runs them claims once, merges partials from its own cache
-/// and streams the unit's rows front to back across chunk boundaries. Who runs a chunk never
-/// changes what it computes: results stay the same for every thread count. Split-K chunks exist for
-/// machines with many threads (SplitRules), and claimed one by one they cost two threads more than
-/// their start-ups: AMD EPYC family 26, GQA 32/8 d=128 T=4096 f16 decode (32 chunks of 1024 keys),
-/// the same work as 8 unsplit items took 0.929x the time on 2 threads and 0.974x on one; whole units
-/// against chunks took 0.968x (f32 0.944x; T=32768, 64 chunks of 4096, 0.961x). scripts/ab-decode,
-/// median b/a of 3 runs.
+/// run, in key order, which the thread runs as one kernel pass (AttendTile::chunk_keys), so it
+/// claims once, starts the kernel once, merges partials from its own cache and streams the unit's
+/// rows front to back across chunk boundaries. Who runs a chunk never changes what it computes:
+/// results stay the same for every thread count. Split-K chunks exist for machines with many
+/// threads (SplitRules); claimed one by one on two threads they cost more than their start-ups. AMD
+/// EPYC family 26, GQA 32/8 d=128 T=4096 f16 decode (32 chunks of 1024 keys), scripts/ab-decode,
+/// median b/a of 3 runs: the same work as 8 unsplit items took 0.929x the time on 2 threads and
+/// 0.974x on one; whole units claimed, 0.968x (f32 0.944x; T=32768, 64 chunks of 4096, 0.961x),
+/// and run as one kernel pass, 0.960x of that (f32 0.984x, T=32768 0.979x).
 struct ClaimOrder {
   const std::int64_t* order = nullptr;
   const std::int64_t* begin = nullptr;
@@ -338,11 +339,31 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     for (int r = 0; r < w.n_tokens * group; ++r)
       tile.states[r].finalize(tile.acc + std::int64_t{r} * d, out_row(w.seq, w.kv_head, w.token0 + r / group, r % group), d);
   };
+  // A whole split unit (a run of several chunks): one kernel pass over all its keys, each chunk's
+  // result in its partial (AttendTile::chunk_keys), then the merge.
+  auto run_unit = [&](std::int64_t first, std::int64_t last, std::int64_t next, int thread) {
+    const WorkItem& w = plan.items[static_cast<std::size_t>(first)];
+    AttendTile tile = item_tile(first);
+    tile.key_end = plan.items[static_cast<std::size_t>(last)].key_end;
+    tile.chunk_keys = w.key_end - w.key_begin;  // every chunk but the last is whole
+    tile.states = partial_states + w.partial * state_stride;
+    tile.acc = partial_acc + w.partial * acc_stride;
+    tile.chunk_states = state_stride;
+    tile.chunk_acc = acc_stride;
+    AttendTile next_tile;
+    if (next >= 0) {
+      next_tile = item_tile(next);
+      tile.next = &next_tile;
+    }
+    kernel.run(tile, scratch + per_thread * thread);
+    merge_partials(plan.merges[static_cast<std::size_t>(w.merge)]);
+  };
   const ClaimOrder claims = claim_order(plan, threads);
   parallel_for_lookahead(claims.runs, threads, [&](std::int64_t run, std::int64_t next_run, int thread) {
-    const std::int64_t end = claims.begin[run + 1];
-    for (std::int64_t k = claims.begin[run]; k < end; ++k)
-      run_item(claims.order[k], k + 1 < end ? claims.order[k + 1] : next_run >= 0 ? claims.order[claims.begin[next_run]] : -1, thread);
+    const std::int64_t first = claims.begin[run], end = claims.begin[run + 1];
+    const std::int64_t next = next_run >= 0 ? claims.order[claims.begin[next_run]] : -1;
+    if (end - first > 1) return run_unit(claims.order[first], claims.order[end - 1], next, thread);
+    run_item(claims.order[first], next, thread);
   });
 }
 
