@@ -962,11 +962,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   // result goes out and the rows start afresh, exactly as a tile of that chunk alone would; the
   // pipeline (the next tile's dot products, the prefetches) runs on across the boundary.
   const std::int64_t chunk_tiles = t.chunk_keys / KT;
-  std::int64_t chunk = 0;
+  std::int64_t chunk = 0, chunk_end = chunk_tiles > 0 ? chunk_tiles : n_tiles;  // the current chunk's end tile
   for (std::int64_t i = 0; i < n_tiles; ++i) {
-    if (chunk_tiles > 0 && i > 0 && i % chunk_tiles == 0) {
+    if (i == chunk_end) {
       direct_result<R, dot, o_paired>(m, l, o, d, t.states + chunk * t.chunk_states, t.acc + chunk * t.chunk_acc);
-      ++chunk;
+      ++chunk, chunk_end += chunk_tiles;
       std::fill_n(o, R * d, 0.f);
       m = V::set1(neg_inf), l = V::zero();
     }
