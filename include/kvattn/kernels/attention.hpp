@@ -315,27 +315,31 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
   int* const chunks_done = reused_buffer<int>(plan.merges.size());
   std::fill_n(chunks_done, plan.merges.size(), 0);
 
-  auto run_item = [&](std::int64_t idx, std::int64_t next, int thread) {
-    const WorkItem& w = plan.items[static_cast<std::size_t>(idx)];
-    float* tscratch = scratch + per_thread * thread;
-    AttendTile tile = item_tile(idx);
+  // The kernel on `tile`, told of the item the thread runs next (`next`, -1 for none) so that its
+  // last tiles prefetch that item's first rows.
+  auto run_kernel = [&](AttendTile& tile, std::int64_t next, int thread) {
     AttendTile next_tile;
     if (next >= 0) {
       next_tile = item_tile(next);
       tile.next = &next_tile;
     }
+    kernel.run(tile, scratch + per_thread * thread);
+  };
+  auto run_item = [&](std::int64_t idx, std::int64_t next, int thread) {
+    const WorkItem& w = plan.items[static_cast<std::size_t>(idx)];
+    AttendTile tile = item_tile(idx);
     if (w.partial >= 0) {
       tile.states = partial_states + w.partial * state_stride;
       tile.acc = partial_acc + w.partial * acc_stride;
-      kernel.run(tile, tscratch);
+      run_kernel(tile, next, thread);
       const MergeItem& m = plan.merges[static_cast<std::size_t>(w.merge)];
       // acq_rel: the last chunk's thread sees every other chunk's partial result.
       if (std::atomic_ref<int>(chunks_done[w.merge]).fetch_add(1, std::memory_order_acq_rel) + 1 == m.chunks) merge_partials(m);
       return;
     }
     tile.states = thread_states + state_stride * thread;
-    tile.acc = tscratch + tile_scratch_floats(plan.max_rows, d);
-    kernel.run(tile, tscratch);
+    tile.acc = scratch + per_thread * thread + tile_scratch_floats(plan.max_rows, d);
+    run_kernel(tile, next, thread);
     for (int r = 0; r < w.n_tokens * group; ++r)
       tile.states[r].finalize(tile.acc + std::int64_t{r} * d, out_row(w.seq, w.kv_head, w.token0 + r / group, r % group), d);
   };
@@ -350,12 +354,7 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     tile.acc = partial_acc + w.partial * acc_stride;
     tile.chunk_states = state_stride;
     tile.chunk_acc = acc_stride;
-    AttendTile next_tile;
-    if (next >= 0) {
-      next_tile = item_tile(next);
-      tile.next = &next_tile;
-    }
-    kernel.run(tile, scratch + per_thread * thread);
+    run_kernel(tile, next, thread);
     merge_partials(plan.merges[static_cast<std::size_t>(w.merge)]);
   };
   const ClaimOrder claims = claim_order(plan, threads);
