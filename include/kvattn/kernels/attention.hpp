@@ -237,8 +237,10 @@ inline ClaimOrder claim_order(const AttentionPlan& plan, int threads) {
     const WorkItem& w = plan.items[static_cast<std::size_t>(i)];
     if (w.merge < 0) {
       begin[runs++] = k, order[k++] = i;
-    } else if (w.key_begin == 0) {
-      const MergeItem& m = plan.merges[static_cast<std::size_t>(w.merge)];
+      continue;
+    }
+    const MergeItem& m = plan.merges[static_cast<std::size_t>(w.merge)];
+    if (w.partial == m.first_partial) {  // the unit's first chunk
       begin[runs++] = k;
       for (std::int64_t c = 0; c < m.chunks; ++c) order[k++] = item_of_partial[m.first_partial + c];
     }
