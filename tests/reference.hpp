@@ -12,39 +12,86 @@
 
 namespace kvattn::testing {
 
-/// out[i][hq][d] for the n query tokens q[i][hq][d] of sequence id, in double.
+/// The double-precision result of attention and, per output row, the error f32 arithmetic may put
+/// into it. A logit's f32 dot product and scaling carry up to ~B x 2^-24 x (2 + sqrt(d)/2), B the
+/// row's largest scale x sum_c |q_c k_c| over its visible keys (2: the scaling and the transposed
+/// sums; sqrt(d)/2: the sum's growing rounding, on average for random signs), and an output row moves
+/// by at most twice its logits' error times vmax, its visible V rows' largest |element|; vmax x 1e-5
+/// covers the softmax's sums and the vectorized exp. Up to 4x that model: tolerance(row) = vmax x
+/// (1e-5 + 4 B 2^-24 (2 + sqrt(d)/2)). For unit-scale data ~1.5e-5, so it still sees a dropped key
+/// or a 1% wrong scale over 40k keys (~3e-5); a fixed 1e-4 did not.
+struct Reference {
+  std::vector<double> out;        ///< [n][Hq][d]
+  std::vector<double> tolerance;  ///< [n][Hq]
+  int head_dim = 0;
+};
+
+/// Attention of the n query tokens q[i][hq][d] of sequence id, in double (Reference).
 template <KvLayoutPolicy L>
-std::vector<double> reference_attention(const KvCache<L>& cache, int layer, seq_id id, const float* q, std::int64_t n,
-                                        bool causal, double scale = 0.0) {
+Reference reference_attention(const KvCache<L>& cache, int layer, seq_id id, const float* q, std::int64_t n, bool causal,
+                              double scale = 0.0) {
   const HeadShape& h = cache.config().heads();
   const int hq = h.q_heads(), hkv = h.kv_heads(), d = h.head_dim();
   if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(d));
   const std::int64_t len = cache.length(id);
   std::vector<float> k(static_cast<std::size_t>(len) * hkv * d), v(k.size());
   for (std::int64_t t = 0; t < len; ++t) cache.read(id, layer, t, &k[t * hkv * d], &v[t * hkv * d]);
-  std::vector<double> out(static_cast<std::size_t>(n) * hq * d, 0.0), logits(static_cast<std::size_t>(len));
+  Reference ref;
+  ref.head_dim = d;
+  ref.out.assign(static_cast<std::size_t>(n) * hq * d, 0.0);
+  ref.tolerance.assign(static_cast<std::size_t>(n) * hq, 0.0);
+  std::vector<double> logits(static_cast<std::size_t>(len));
   for (std::int64_t i = 0; i < n; ++i) {
     const std::int64_t visible = causal ? len - n + i + 1 : len;
     for (int head = 0; head < hq; ++head) {
       const int kvh = head / (hq / hkv);  // contiguous groups
       const float* qr = q + (i * hq + head) * d;
-      double mx = -INFINITY;
+      double mx = -INFINITY, bound = 0, vmax = 0;
       for (std::int64_t t = 0; t < visible; ++t) {
-        double s = 0;
-        for (int c = 0; c < d; ++c) s += double(qr[c]) * double(k[(t * hkv + kvh) * d + c]);
+        double s = 0, magnitude = 0;
+        for (int c = 0; c < d; ++c) {
+          const double product = double(qr[c]) * double(k[(t * hkv + kvh) * d + c]);
+          s += product, magnitude += std::fabs(product);
+          vmax = std::max(vmax, std::fabs(double(v[(t * hkv + kvh) * d + c])));
+        }
         logits[static_cast<std::size_t>(t)] = s * scale;
+        bound = std::max(bound, magnitude * std::fabs(scale));
         mx = std::max(mx, logits[static_cast<std::size_t>(t)]);
       }
+      ref.tolerance[static_cast<std::size_t>(i * hq + head)] =
+          vmax * (1e-5 + 4 * bound * std::ldexp(1.0, -24) * (2 + std::sqrt(static_cast<double>(d)) / 2));
       double sum = 0;
       for (std::int64_t t = 0; t < visible; ++t) sum += std::exp(logits[static_cast<std::size_t>(t)] - mx);
-      double* o = &out[static_cast<std::size_t>((i * hq + head) * d)];
+      double* o = &ref.out[static_cast<std::size_t>((i * hq + head) * d)];
       for (std::int64_t t = 0; t < visible; ++t) {
         const double p = std::exp(logits[static_cast<std::size_t>(t)] - mx) / sum;
         for (int c = 0; c < d; ++c) o[c] += p * double(v[(t * hkv + kvh) * d + c]);
       }
     }
   }
-  return out;
+  return ref;
+}
+
+/// Max |a - b| over a float result and a double reference; infinite if any difference is not a
+/// number (a NaN in `a`: an output the kernel never wrote, when the test filled it with NaN).
+inline double max_abs_diff(const float* a, const double* b, std::size_t n) {
+  double m = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double e = std::fabs(double(a[i]) - b[i]);
+    if (std::isnan(e)) return INFINITY;
+    m = std::max(m, e);
+  }
+  return m;
+}
+
+/// The largest ratio of a row's error to its tolerance (Reference): <= 1 passes; infinite for a NaN.
+inline double max_error_ratio(const float* a, const Reference& ref) {
+  double m = 0;
+  for (std::size_t row = 0; row < ref.tolerance.size(); ++row) {
+    const std::size_t d = static_cast<std::size_t>(ref.head_dim);
+    m = std::max(m, max_abs_diff(a + row * d, ref.out.data() + row * d, d) / ref.tolerance[row]);
+  }
+  return m;
 }
 
 /// n scaled by KVATTN_TEST_CASE_SCALE (default 1; emulated runs use less), at least 1.
@@ -59,13 +106,6 @@ inline std::vector<float> random_floats(std::mt19937_64& rng, std::size_t n, flo
   std::vector<float> x(n);
   for (float& e : x) e = u(rng);
   return x;
-}
-
-/// Max |a - b| over a float result and a double reference.
-inline double max_abs_diff(const float* a, const double* b, std::size_t n) {
-  double m = 0;
-  for (std::size_t i = 0; i < n; ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
-  return m;
 }
 
 /// Appends `n` random tokens (K/V for every producer slot) to a sequence.

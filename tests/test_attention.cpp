@@ -1,8 +1,9 @@
 // Attention kernels against the double-precision reference over thousands of random shapes:
 // MHA/GQA/MQA, head dims {16, 46, 64, 80, 90, 128, 256}, ragged lengths from 1, every storage type,
 // paged and contiguous caches, 1 and 2 threads, split-K and unsplit, plus extreme logits and long
-// contexts. Tolerance: max abs error <= 1e-4 on unit-scale inputs (f32 accumulation over at most a
-// few thousand keys stays near 1e-6; the margin covers the worst random case).
+// contexts. Tolerance: per output row, the error f32 arithmetic may make in it (reference.hpp,
+// Reference: ~1.5e-5 for unit-scale inputs, more for large logits); outputs start as NaN, so a row
+// a kernel never writes fails.
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -16,6 +17,7 @@
 using namespace kvattn;
 using kvattn::testing::append_random;
 using kvattn::testing::max_abs_diff;
+using kvattn::testing::max_error_ratio;
 using kvattn::testing::random_floats;
 using kvattn::testing::reference_attention;
 
@@ -78,7 +80,7 @@ Case random_case(std::mt19937_64& rng, mode m) {
   return c;
 }
 
-/// Runs one case and returns the max abs error against the reference.
+/// Runs one case and returns the largest ratio of an output row's error to its tolerance (<= 1 passes).
 template <KvLayoutPolicy L>
 double run_case(const Case& c, L layout, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -111,7 +113,7 @@ double run_case(const Case& c, L layout, std::uint64_t seed) {
   std::int64_t offset = 0;
   for (std::size_t b = 0; b < ids.size(); ++b) {
     const auto ref = reference_attention(cache, c.layer, ids[b], q.data() + offset * row, c.chunk[b], c.m != mode::cross, c.scale);
-    err = std::max(err, max_abs_diff(out.data() + offset * row, ref.data(), ref.size()));
+    err = std::max(err, max_error_ratio(out.data() + offset * row, ref));
     offset += c.chunk[b];
   }
   return err;
@@ -130,7 +132,7 @@ void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
   for (int i = 0; i < n_cases; ++i) {
     const Case c = random_case(rng, m);
     const double err = run_case(c, seed0 * 1000003 + static_cast<std::uint64_t>(i));
-    ASSERT_LE(err, 1e-4) << "case " << i << ": " << c.describe();
+    ASSERT_LE(err, 1.0) << "case " << i << ": " << c.describe();
   }
 }
 
@@ -151,15 +153,16 @@ TEST_P(PerIsa, RandomPrefillAndAppend) { run_random_cases(mode::prefill, 400, 12
 TEST_P(PerIsa, RandomCrossAttention) { run_random_cases(mode::cross, 150, 13); }
 
 TEST_P(PerIsa, ExtremeLogits) {
-  // |logits| up to ~ q_scale^2 x sqrt(d)/3: hundreds. Online softmax must neither overflow nor lose
-  // the winner. The f32 logit itself carries ~1e-7 relative error, i.e. ~5e-5 absolute at 500,
-  // which moves near-tied softmax weights by as much: tolerance 1e-3 here.
+  // q in [-40, 40], K in [-1, 1]: logits with a standard deviation of ~13 at the default scale
+  // 1/sqrt(d) (peaks ~50), ~13 x scale x sqrt(d) (peaks in the hundreds) with the custom scales of
+  // a quarter of the cases. Online softmax must neither overflow nor lose the winner; the
+  // tolerance grows with the logits' size (Reference).
   std::mt19937_64 rng(21);
   for (int i = 0; i < kvattn::testing::scaled_cases(60); ++i) {
     Case c = random_case(rng, i % 2 ? mode::decode : mode::prefill);
     c.q_scale = 40.f;
     const double err = run_case(c, 500 + static_cast<std::uint64_t>(i));
-    ASSERT_LE(err, 1e-3) << c.describe();
+    ASSERT_LE(err, 1.0) << c.describe();
   }
 }
 
@@ -170,7 +173,7 @@ TEST_P(PerIsa, LongContext) {
     c.hq = 8, c.hkv = 2, c.d = 64, c.dtype = kv_dtype::bf16, c.threads = 2, c.paged = paged, c.block = 256;
     c.layers = 1, c.factor = 1, c.layer = 0, c.m = mode::decode;
     c.prefix = {40000, 3}, c.chunk = {1, 1};
-    EXPECT_LE(run_case(c, 31), 1e-4) << c.describe();
+    EXPECT_LE(run_case(c, 31), 1.0) << c.describe();
   }
 }
 
@@ -238,7 +241,7 @@ TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
   // the rounding of each softmax weight w_k to bf16 (relative error e_k, |e_k| <= u = 2^-8) with the
   // sum taken over the rounded weights: the output moves by sum_k (w'_k - w_k)(v_k - c) for any c,
   // and sum_k |w'_k - w_k| <= u / (1 - u), so |error| <= u / (1 - u) for V in [-1, 1] (c = 0), on
-  // top of the 1e-4 of f32 arithmetic, at any logit size. Everywhere else, including calls with
+  // top of the error of f32 arithmetic (Reference's tolerance), at any logit size. Everywhere else, including calls with
   // more than one token per sequence, the call must give strict's bits. Pair products must also
   // differ from strict in most cases (they did run), not depend on the thread count, and give
   // one-token cross-attention the same bits as decode.
@@ -307,7 +310,11 @@ TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
     for (std::size_t b = 0; b < ids.size(); ++b) {
       const auto ref = reference_attention(cache, 0, ids[b], q_rounded.data() + b * row, 1, true);
       constexpr double u = 1.0 / 256;
-      ASSERT_LE(max_abs_diff(out.data() + b * row, ref.data(), ref.size()), u / (1 - u) + 1e-4) << c.describe();
+      for (int head = 0; head < c.hq; ++head) {
+        const std::size_t at = static_cast<std::size_t>(head) * static_cast<std::size_t>(c.d);
+        const double err = max_abs_diff(out.data() + b * row + at, ref.out.data() + at, static_cast<std::size_t>(c.d));
+        ASSERT_LE(err, u / (1 - u) + ref.tolerance[static_cast<std::size_t>(head)]) << c.describe();
+      }
     }
   }
   if (GetParam() == isa::avx512 && cpu_supports_bf16_dot()) {
@@ -333,7 +340,8 @@ TEST_P(PerIsa, VectorizedExpError) {
       continue;
     }
     const double want = std::exp2(double(x[i]));
-    worst = std::max(worst, std::fabs(y[i] - want) / want);
+    const double err = std::fabs(y[i] - want) / want;
+    worst = std::isnan(err) ? INFINITY : std::max(worst, err);
   }
   EXPECT_LE(worst, 4e-7);
 }
@@ -433,8 +441,8 @@ TEST(Attention, StaticHeadLayoutMatchesDynamic) {
   // comparing them with each other alone could not fail there.
   for (std::size_t s = 0; s < ids.size(); ++s) {
     const auto ref = reference_attention(cache, 0, ids[s], q.data() + s * 32 * 128, 1, true);
-    EXPECT_LE(max_abs_diff(a.data() + s * 32 * 128, ref.data(), ref.size()), 1e-4);
-    EXPECT_LE(max_abs_diff(b.data() + s * 32 * 128, ref.data(), ref.size()), 1e-4);
+    EXPECT_LE(max_error_ratio(a.data() + s * 32 * 128, ref), 1.0);
+    EXPECT_LE(max_error_ratio(b.data() + s * 32 * 128, ref), 1.0);
   }
   for (std::size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6);
   EXPECT_THROW((decode<HeadLayout<32, 4, 128>>(cache, 0, ids, q.data(), b.data())), config_error);

@@ -2,6 +2,7 @@
 // both RoPE conventions, decode continuing prefill positions, and CLA consumers writing nothing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -14,8 +15,10 @@ using namespace kvattn;
 using kvattn::testing::random_floats;
 
 // Fault injection for the Failed... tests of the layer and the stack: when a thread sets it to
-// n >= 0, its allocation through operator new after the next n throws std::bad_alloc, once (-1:
-// none fail). Per thread: an allocation in another thread (an OpenMP worker) must not fail.
+// n >= 0, its allocation through operator new (plain or aligned: the cache's K/V blocks come from
+// std::pmr::new_delete_resource through the aligned form) after the next n throws std::bad_alloc,
+// once (-1: none fail). Per thread: an allocation in another thread (an OpenMP worker) must not
+// fail. Eigen's own temporaries (std::malloc) are not failed.
 thread_local long allocations_until_failure = -1;
 
 void* operator new(std::size_t n) {
@@ -23,6 +26,14 @@ void* operator new(std::size_t n) {
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
+void* operator new(std::size_t n, std::align_val_t align) {
+  if (allocations_until_failure >= 0 && allocations_until_failure-- == 0) throw std::bad_alloc();
+  const auto a = static_cast<std::size_t>(align);
+  if (void* p = std::aligned_alloc(a, (std::max<std::size_t>(n, 1) + a - 1) / a * a)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 #if !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmismatched-new-delete"  // GCC 12 takes free() here for a mismatch
@@ -62,64 +73,104 @@ struct FaultRun {
   }
 };
 
-/// Double reference of one layer over a whole sequence processed at once (causal), with RoPE.
-std::vector<double> reference_layer(const std::vector<float>& x, int tokens, int d_model, const HeadShape& h,
-                                    const LayerWeights& w, const RopeConfig& rope, kv_dtype dt) {
-  const int hq = h.q_heads(), hkv = h.kv_heads(), d = h.head_dim();
-  auto project = [&](const float* wt, int out_dim) {
+/// Double reference of attention layers over a whole sequence processed at once (causal), with
+/// RoPE: projections of the layer's input h ([tokens][d_model]), K and V as the cache stores them.
+struct ReferenceLayer {
+  int tokens, d_model;
+  HeadShape heads;
+  RopeConfig rope;
+
+  std::vector<double> project(const std::vector<double>& h, const float* w, int out_dim) const {
     std::vector<double> y(static_cast<std::size_t>(tokens) * out_dim, 0.0);
     for (int t = 0; t < tokens; ++t)
       for (int o = 0; o < out_dim; ++o) {
         double s = 0;
-        for (int i = 0; i < d_model; ++i) s += double(x[t * d_model + i]) * wt[o * d_model + i];
+        for (int i = 0; i < d_model; ++i) s += h[static_cast<std::size_t>(t) * d_model + i] * w[o * d_model + i];
         y[static_cast<std::size_t>(t) * out_dim + o] = s;
       }
     return y;
-  };
-  auto rotate = [&](std::vector<double>& y, int heads) {
-    const int r = rope.rotary_dims == 0 ? d : rope.rotary_dims;
+  }
+  void rotate(std::vector<double>& y, int n_heads) const {
+    const int d = heads.head_dim(), r = rope.rotary_dims == 0 ? d : rope.rotary_dims;
     for (int t = 0; t < tokens; ++t)
-      for (int hh = 0; hh < heads; ++hh)
+      for (int hh = 0; hh < n_heads; ++hh)
         for (int i = 0; i < r / 2; ++i) {
           const double ang = t * std::pow(rope.base, -2.0 * i / r);
           const int a = rope.style == rope_style::half ? i : 2 * i, b = rope.style == rope_style::half ? i + r / 2 : 2 * i + 1;
-          double* row = &y[(static_cast<std::size_t>(t) * heads + hh) * d];
+          double* row = &y[(static_cast<std::size_t>(t) * n_heads + hh) * d];
           const double x0 = row[a], x1 = row[b];
           row[a] = x0 * std::cos(ang) - x1 * std::sin(ang);
           row[b] = x0 * std::sin(ang) + x1 * std::cos(ang);
         }
-  };
-  std::vector<double> q = project(w.wq, hq * d), k = project(w.wk, hkv * d), v = project(w.wv, hkv * d);
-  rotate(q, hq);
-  rotate(k, hkv);
-  for (double& e : k) e = round_to_dtype(static_cast<float>(e), dt);  // what the cache stores
-  for (double& e : v) e = round_to_dtype(static_cast<float>(e), dt);
-  std::vector<double> attn(static_cast<std::size_t>(tokens) * hq * d, 0.0);
-  for (int t = 0; t < tokens; ++t)
-    for (int hh = 0; hh < hq; ++hh) {
-      const int kh = hh / (hq / hkv);
-      std::vector<double> logit(static_cast<std::size_t>(t) + 1);
-      double mx = -INFINITY, sum = 0;
-      for (int j = 0; j <= t; ++j) {
-        double s = 0;
-        for (int c = 0; c < d; ++c)
-          s += double(static_cast<float>(q[(static_cast<std::size_t>(t) * hq + hh) * d + c])) * k[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
-        logit[static_cast<std::size_t>(j)] = s / std::sqrt(double(d));
-        mx = std::max(mx, logit[static_cast<std::size_t>(j)]);
+  }
+  /// A producer layer's K and V rows for input h, rounded to the storage type as the cache stores them.
+  std::pair<std::vector<double>, std::vector<double>> kv(const std::vector<double>& h, const LayerWeights& w, kv_dtype dt) const {
+    const int rows = heads.kv_heads() * heads.head_dim();
+    std::vector<double> k = project(h, w.wk, rows), v = project(h, w.wv, rows);
+    rotate(k, heads.kv_heads());
+    for (double& e : k) e = round_to_dtype(static_cast<float>(e), dt);
+    for (double& e : v) e = round_to_dtype(static_cast<float>(e), dt);
+    return {std::move(k), std::move(v)};
+  }
+  /// The layer's output (Wo . attention) for input h over the K/V rows k, v.
+  std::vector<double> attend(const std::vector<double>& h, const LayerWeights& w, const std::vector<double>& k,
+                             const std::vector<double>& v) const {
+    const int hq = heads.q_heads(), hkv = heads.kv_heads(), d = heads.head_dim();
+    std::vector<double> q = project(h, w.wq, hq * d);
+    rotate(q, hq);
+    std::vector<double> attn(static_cast<std::size_t>(tokens) * hq * d, 0.0);
+    for (int t = 0; t < tokens; ++t)
+      for (int hh = 0; hh < hq; ++hh) {
+        const int kh = hh / (hq / hkv);
+        std::vector<double> logit(static_cast<std::size_t>(t) + 1);
+        double mx = -INFINITY, sum = 0;
+        for (int j = 0; j <= t; ++j) {
+          double s = 0;
+          for (int c = 0; c < d; ++c)  // the library's q is f32
+            s += double(static_cast<float>(q[(static_cast<std::size_t>(t) * hq + hh) * d + c])) * k[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
+          logit[static_cast<std::size_t>(j)] = s / std::sqrt(double(d));
+          mx = std::max(mx, logit[static_cast<std::size_t>(j)]);
+        }
+        for (double& l : logit) sum += (l = std::exp(l - mx));
+        for (int j = 0; j <= t; ++j)
+          for (int c = 0; c < d; ++c)
+            attn[(static_cast<std::size_t>(t) * hq + hh) * d + c] += logit[static_cast<std::size_t>(j)] / sum * v[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
       }
-      for (double& l : logit) sum += (l = std::exp(l - mx));
-      for (int j = 0; j <= t; ++j)
-        for (int c = 0; c < d; ++c)
-          attn[(static_cast<std::size_t>(t) * hq + hh) * d + c] += logit[static_cast<std::size_t>(j)] / sum * v[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
-    }
-  std::vector<double> y(static_cast<std::size_t>(tokens) * d_model, 0.0);
-  for (int t = 0; t < tokens; ++t)
-    for (int o = 0; o < d_model; ++o) {
-      double s = 0;
-      for (int i = 0; i < hq * d; ++i) s += attn[static_cast<std::size_t>(t) * hq * d + i] * w.wo[o * hq * d + i];
-      y[static_cast<std::size_t>(t) * d_model + o] = s;
-    }
-  return y;
+    std::vector<double> y(static_cast<std::size_t>(tokens) * d_model, 0.0);
+    for (int t = 0; t < tokens; ++t)
+      for (int o = 0; o < d_model; ++o) {
+        double s = 0;
+        for (int i = 0; i < hq * d; ++i) s += attn[static_cast<std::size_t>(t) * hq * d + i] * w.wo[o * hq * d + i];
+        y[static_cast<std::size_t>(t) * d_model + o] = s;
+      }
+    return y;
+  }
+};
+
+/// One producer layer's output for input x.
+std::vector<double> reference_layer(const std::vector<float>& x, int tokens, int d_model, const HeadShape& h,
+                                    const LayerWeights& w, const RopeConfig& rope, kv_dtype dt) {
+  const ReferenceLayer ref{tokens, d_model, h, rope};
+  const std::vector<double> input(x.begin(), x.end());
+  const auto [k, v] = ref.kv(input, w, dt);
+  return ref.attend(input, w, k, v);
+}
+
+/// A stack's output for input x: h <- h + layer_l(h), layer l attending to the K/V that layer
+/// map.source(l) computed from its own input. The layers' inputs are rounded to f32, as the stack
+/// keeps them.
+std::vector<double> reference_stack(const std::vector<float>& x, int tokens, int d_model, const ModelConfig& config,
+                                    std::span<const LayerWeights> w) {
+  const ReferenceLayer ref{tokens, d_model, config.heads(), RopeConfig{}};
+  std::vector<double> h(x.begin(), x.end());
+  std::vector<std::pair<std::vector<double>, std::vector<double>>> kv(static_cast<std::size_t>(config.n_layers()));
+  for (int l = 0; l < config.n_layers(); ++l) {
+    if (config.layers().is_producer(l)) kv[static_cast<std::size_t>(l)] = ref.kv(h, w[static_cast<std::size_t>(l)], config.dtype());
+    const auto& [k, v] = kv[static_cast<std::size_t>(config.layers().source_of(l))];
+    const std::vector<double> y = ref.attend(h, w[static_cast<std::size_t>(l)], k, v);
+    for (std::size_t i = 0; i < h.size(); ++i) h[i] = static_cast<float>(h[i] + y[i]);
+  }
+  return h;
 }
 
 struct Weights {
@@ -305,6 +356,9 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   stack.forward(cache, ids, std::vector<std::int64_t>{10}, x.data(), y.data());
   EXPECT_EQ(cache.length(1), 10);
   EXPECT_EQ(cache.live_bytes(), 10 * 2 * 1 * 16 * 2 * 4);  // two KV layers
+  // Against the double reference of the whole stack, whose consumers attend to their producer's K/V.
+  const std::vector<double> want = reference_stack(x, 10, d_model, cla, views);
+  EXPECT_LE(kvattn::testing::max_abs_diff(y.data(), want.data(), want.size()), 2e-5);
 
   // Same result token by token, and an equivalent explicit layer-by-layer computation.
   KvCache<PagedLayout> cache2(cla, PagedLayout{8});
@@ -314,9 +368,8 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
     stack.forward(cache2, ids, std::vector<std::int64_t>{1}, x.data() + t * d_model, y2.data() + t * d_model);
   for (std::size_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y[i], y2[i], 1e-5);
 
-  // An MQA stack whose odd layers' K/V weights equal the previous layer's, fed the previous layer's
-  // input, differs from CLA; but layer 1 of CLA must match attention over layer 0's cached K/V:
-  // check it by running layer 1 alone on the hidden state after layer 0.
+  // Layer 1 alone on the hidden state after layer 0 attends to layer 0's cached K/V (computed from
+  // layer 0's input, not from its own) and writes nothing.
   KvCache<PagedLayout> c3(cla, PagedLayout{8});
   c3.add_sequence(1);
   c3.extend(1, 10);
@@ -327,6 +380,10 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
   const auto snap = kvattn::testing::snapshot(c3, ids);
   l1.forward(c3, ids, std::vector<std::int64_t>{10}, h1.data(), d1.data());
   EXPECT_EQ(kvattn::testing::snapshot(c3, ids), snap);  // the consumer wrote nothing
+  const ReferenceLayer ref{10, d_model, h, RopeConfig{}};
+  const auto [k0, v0] = ref.kv(std::vector<double>(x.begin(), x.end()), views[0], kv_dtype::f32);
+  const std::vector<double> want1 = ref.attend(std::vector<double>(h1.begin(), h1.end()), views[1], k0, v0);
+  EXPECT_LE(kvattn::testing::max_abs_diff(d1.data(), want1.data(), want1.size()), 2e-5);
 }
 
 // Every allocation through operator new of a stack forward fails in turn (each on a fresh stack,
@@ -334,8 +391,8 @@ TEST(AttentionStack, ClaConsumersReadTheProducersCacheAndWriteNothing) {
 // with a fork: the extend copies that block and takes a new one, and a failure in the layers after
 // it must give both back (blocks, bytes, the fork's sharing), not only the lengths. Then with the
 // fork truncated back by a token and both in the batch (in both orders): each writes the block
-// they share at a position the other reads, so both must copy it for the undo to be exact. (The
-// K/V blocks themselves come from the cache's memory resource: KvCacheErrors tests its failures.)
+// they share at a position the other reads, so both must copy it for the undo to be exact. The
+// K/V blocks (the default memory resource: aligned operator new) fail in turn too.
 TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
   std::mt19937_64 rng(9);
   const HeadShape h(4, 2, 16);
