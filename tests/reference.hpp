@@ -2,12 +2,14 @@
 // K/V the kernels read, through KvCache::read, so the comparison isolates kernel arithmetic.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <kvattn/kvattn.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <random>
+#include <string_view>
 #include <vector>
 
 namespace kvattn::testing {
@@ -92,6 +94,17 @@ inline double max_error_ratio(const float* a, const Reference& ref) {
     m = std::max(m, max_abs_diff(a + row * d, ref.out.data() + row * d, d) / ref.tolerance[row]);
   }
   return m;
+}
+
+/// Expects call() to throw Error with a message naming the bad value (containing needle).
+template <class Error, class Call>
+void expect_error(Call&& call, std::string_view needle) {
+  try {
+    call();
+    ADD_FAILURE() << "expected an exception mentioning " << needle;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string_view(e.what()).find(needle), std::string_view::npos) << e.what();
+  }
 }
 
 /// n scaled by KVATTN_TEST_CASE_SCALE (default 1; emulated runs use less), at least 1.

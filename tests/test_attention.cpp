@@ -80,9 +80,10 @@ Case random_case(std::mt19937_64& rng, mode m) {
   return c;
 }
 
-/// Runs one case and returns the largest ratio of an output row's error to its tolerance (<= 1 passes).
+/// Runs one case and returns the largest ratio of an output row's error to its tolerance (<= 1
+/// passes); the outputs into *outputs if given.
 template <KvLayoutPolicy L>
-double run_case(const Case& c, L layout, std::uint64_t seed) {
+double run_case(const Case& c, L layout, std::uint64_t seed, std::vector<float>* outputs = nullptr) {
   std::mt19937_64 rng(seed);
   const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::cla(c.layers, c.factor), c.dtype);
   KvCache<L> cache(cfg, layout);
@@ -116,14 +117,19 @@ double run_case(const Case& c, L layout, std::uint64_t seed) {
     err = std::max(err, max_error_ratio(out.data() + offset * row, ref));
     offset += c.chunk[b];
   }
+  if (outputs != nullptr) *outputs = std::move(out);
   return err;
 }
 
-double run_case(const Case& c, std::uint64_t seed) {
-  if (c.paged) return run_case(c, PagedLayout{c.block}, seed);
+/// A contiguous layout with room for the case's longest sequence.
+ContiguousLayout contiguous_for(const Case& c) {
   std::int64_t longest = 1;
   for (std::size_t b = 0; b < c.prefix.size(); ++b) longest = std::max(longest, c.prefix[b] + c.chunk[b]);
-  return run_case(c, ContiguousLayout{longest}, seed);
+  return ContiguousLayout{longest};
+}
+
+double run_case(const Case& c, std::uint64_t seed) {
+  return c.paged ? run_case(c, PagedLayout{c.block}, seed) : run_case(c, contiguous_for(c), seed);
 }
 
 void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
@@ -174,6 +180,22 @@ TEST_P(PerIsa, LongContext) {
     c.layers = 1, c.factor = 1, c.layer = 0, c.m = mode::decode;
     c.prefix = {40000, 3}, c.chunk = {1, 1};
     EXPECT_LE(run_case(c, 31), 1.0) << c.describe();
+  }
+}
+
+TEST_P(PerIsa, LayoutsGiveTheSameBits) {
+  // Kernels read every layout through the same views: paged blocks of any size and a contiguous
+  // cache holding the same K/V give the same bits.
+  std::mt19937_64 rng(71);
+  for (int i = 0; i < kvattn::testing::scaled_cases(40); ++i) {
+    const Case c = random_case(rng, static_cast<mode>(i % 3));
+    const std::uint64_t seed = 7000 + static_cast<std::uint64_t>(i);
+    std::vector<float> contiguous, paged;
+    ASSERT_LE(run_case(c, contiguous_for(c), seed, &contiguous), 1.0) << c.describe();
+    for (std::int64_t block : {1, 3, 16, 64}) {
+      (void)run_case(c, PagedLayout{block}, seed, &paged);
+      ASSERT_EQ(0, std::memcmp(contiguous.data(), paged.data(), paged.size() * sizeof(float))) << "block " << block << ": " << c.describe();
+    }
   }
 }
 
