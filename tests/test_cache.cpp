@@ -656,6 +656,35 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
       for (std::int64_t t = 0; t < counts[b]; ++t) m[batch[b]][static_cast<std::size_t>(positions[b] + t)][slot] = rows.tags[next++];
     return m;
   };
+  // Per listed row: whether its block is held by another sequence too (in its table, past its
+  // length included), as the cache is now.
+  auto in_shared_blocks = [&](const std::vector<seq_id>& batch, const std::vector<std::int64_t>& positions,
+                              const std::vector<std::int64_t>& counts) {
+    const std::int64_t block_tokens = cache.slot_view(0).block_tokens;
+    std::map<const std::byte*, int> holders;
+    for (const auto& [id, tokens] : model) {
+      const KvSequenceView view = cache.sequence_view(id);
+      EXPECT_GE(view.block_count, ceil_div(view.length, block_tokens));
+      for (std::int64_t i = 0; i < view.block_count; ++i) ++holders[view.blocks[i]];
+    }
+    std::vector<bool> shared;
+    for (std::size_t b = 0; b < batch.size(); ++b)
+      for (std::int64_t t = 0; t < counts[b]; ++t)
+        shared.push_back(holders[cache.sequence_view(batch[b]).blocks[(positions[b] + t) / block_tokens]] > 1);
+    return shared;
+  };
+  // The model after a guarded write of `rows` is taken back (README, "Errors"): rows in blocks
+  // another sequence held too (`shared`, from in_shared_blocks before the write) are as they were;
+  // rows in blocks the writer alone held keep the new contents.
+  auto taken_back = [&](std::map<seq_id, ModelTokens> m, const std::vector<seq_id>& batch, int slot,
+                        const std::vector<std::int64_t>& positions, const std::vector<std::int64_t>& counts, const Rows& rows,
+                        const std::vector<bool>& shared) {
+    std::size_t next = 0;
+    for (std::size_t b = 0; b < batch.size(); ++b)
+      for (std::int64_t t = 0; t < counts[b]; ++t, ++next)
+        if (!shared[next]) m[batch[b]][static_cast<std::size_t>(positions[b] + t)][slot] = rows.tags[next];
+    return m;
+  };
   auto check = [&](const char* after) {
     SCOPED_TRACE(after);
     ASSERT_EQ(cache.num_sequences(), model.size());
@@ -719,11 +748,14 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
           auto guard = cache.extend_guarded(batch, counts);
           for (int slot = 0; slot < 2; ++slot) {  // as AttentionStack::forward: each layer's write guarded too
             const Rows rows = rows_for(counts);
+            const std::vector<bool> shared = in_shared_blocks(batch, positions, counts);
             auto write = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
             if (uniform(0, 3) > 0) {
               write.commit();
               next = written(next, batch, slot, positions, counts, rows);
-            }  // else taken back: the new positions stay unspecified
+            } else {  // the new positions in shared blocks stay unspecified
+              next = taken_back(next, batch, slot, positions, counts, rows, shared);
+            }
           }
           if (uniform(0, 1) == 0) {
             guard.commit();
@@ -748,15 +780,13 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
           plain_twin = [&cache, batch, positions, counts, rows, layer = producers[slot]] {
             cache.write(batch, layer, positions, counts, rows.k.data(), rows.v.data());
           };
+          const std::vector<bool> shared = in_shared_blocks(batch, positions, counts);
           auto guard = cache.write_guarded(batch, producers[slot], positions, counts, rows.k.data(), rows.v.data());
           if (op == 7) {
             guard.commit();
             next = written(next, batch, slot, positions, counts, rows);
           } else {
-            // Taken back: the writers' rows in blocks no one else shared keep their new contents
-            // (unspecified); every other row is as it was.
-            for (std::size_t b = 0; b < batch.size(); ++b)
-              for (std::int64_t t = 0; t < counts[b]; ++t) next[batch[b]][static_cast<std::size_t>(positions[b] + t)][slot] = 0;
+            next = taken_back(next, batch, slot, positions, counts, rows, shared);
           }
         }
       }

@@ -340,7 +340,7 @@ class KvCache {
   KvSlotView slot_view(int layer) const { return slot_view_of(config_.layers().slot_of(layer)); }
   KvSequenceView sequence_view(seq_id id) const {
     const Sequence& s = find(id)->second;
-    return {s.blocks.data(), s.length};
+    return {s.blocks.data(), s.length, static_cast<std::int64_t>(s.blocks.size())};
   }
 
  private:

@@ -30,6 +30,9 @@ struct KvSlotView {
 struct KvSequenceView {
   const std::byte* const* blocks = nullptr;
   std::int64_t length = 0;
+  /// Entries of `blocks` (KvCache's views: at least ceil(length / block_tokens); a layout may hold
+  /// more, reserved ahead of the length). Kernels do not read it: they use the blocks the length covers.
+  std::int64_t block_count = 0;
 };
 
 /// Pointer to the K row of token t, KV head h. No checks: views are validated at the API boundary.
