@@ -73,6 +73,30 @@ struct FaultRun {
   }
 };
 
+/// Fails each allocation of a forward in turn: attempt(n, y) builds fresh objects (cache, layer or
+/// stack: so that every allocation is reached), runs the forward into y with allocation n failing
+/// (FaultRun::of) and returns the run and the cache's snapshot. A forward that failed must leave
+/// the cache as `before`; one that absorbed its failure, or made fewer allocations, must give
+/// `after` and `want`.
+template <class Attempt>
+void expect_every_failure_undone(Attempt attempt, const kvattn::testing::CacheSnapshot& before,
+                                 const kvattn::testing::CacheSnapshot& after, const std::vector<float>& want) {
+  std::vector<float> y(want.size());
+  int failures = 0;
+  for (long n = 0;; ++n) {
+    const auto [run, cache] = attempt(n, y);
+    if (!run.threw) {
+      EXPECT_EQ(cache, after);
+      EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
+      if (run.none_failed) break;
+      continue;
+    }
+    ++failures;
+    ASSERT_EQ(cache, before) << "allocation " << n << " failed";
+  }
+  EXPECT_GE(failures, 10);
+}
+
 /// Double reference of attention layers over a whole sequence processed at once (causal), with
 /// RoPE: projections of the layer's input h ([tokens][d_model]), K and V as the cache stores them.
 struct ReferenceLayer {
@@ -313,24 +337,16 @@ TEST(AttentionLayer, ForwardFailingAfterItsWriteLeavesTheCacheAsItWas) {
     KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
     prepare(reference);
     const auto before = kvattn::testing::snapshot(reference, all);
-    std::vector<float> y(x.size()), want(x.size());
+    std::vector<float> want(x.size());
     AttentionLayer(cfg, 0, 8, w.view()).forward(reference, ids, counts, x.data(), want.data());
-    int failures = 0;
-    for (long n = 0;; ++n) {
-      AttentionLayer layer(cfg, 0, 8, w.view());  // fresh buffers, so that every allocation is reached
+    const auto attempt = [&](long n, std::vector<float>& y) {
+      AttentionLayer layer(cfg, 0, 8, w.view());
       KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
       prepare(cache);
       const FaultRun run = FaultRun::of(n, [&] { layer.forward(cache, ids, counts, x.data(), y.data()); });
-      if (!run.threw) {
-        EXPECT_EQ(kvattn::testing::snapshot(cache, all), kvattn::testing::snapshot(reference, all));
-        EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-        if (run.none_failed) break;
-        continue;
-      }
-      ++failures;
-      ASSERT_EQ(kvattn::testing::snapshot(cache, all), before) << "allocation " << n << " failed";
-    }
-    EXPECT_GE(failures, 10);
+      return std::pair(run, kvattn::testing::snapshot(cache, all));
+    };
+    expect_every_failure_undone(attempt, before, kvattn::testing::snapshot(reference, all), want);
   }
 }
 
@@ -423,25 +439,16 @@ TEST(AttentionStack, FailedForwardLeavesTheCacheAsItWas) {
     KvCache<PagedLayout> reference(cfg, PagedLayout{4, 16});
     prepare(reference_stack, reference);
     const auto before = kvattn::testing::snapshot(reference, both);
-    std::vector<float> y(x.size()), want(x.size());
+    std::vector<float> want(x.size());
     reference_stack.forward(reference, batch.ids, batch.counts, x.data(), want.data());
-
-    int failures = 0;
-    for (long n = 0;; ++n) {
+    const auto attempt = [&](long n, std::vector<float>& y) {
       AttentionStack stack(cfg, d_model, views);
       KvCache<PagedLayout> cache(cfg, PagedLayout{4, 16});
       prepare(stack, cache);
       const FaultRun run = FaultRun::of(n, [&] { stack.forward(cache, batch.ids, batch.counts, x.data(), y.data()); });
-      if (!run.threw) {
-        EXPECT_EQ(kvattn::testing::snapshot(cache, both), kvattn::testing::snapshot(reference, both));
-        EXPECT_EQ(0, std::memcmp(y.data(), want.data(), y.size() * sizeof(float)));
-        if (run.none_failed) break;
-        continue;
-      }
-      ++failures;
-      ASSERT_EQ(kvattn::testing::snapshot(cache, both), before) << "allocation " << n << " failed";
-    }
-    EXPECT_GE(failures, 10);
+      return std::pair(run, kvattn::testing::snapshot(cache, both));
+    };
+    expect_every_failure_undone(attempt, before, kvattn::testing::snapshot(reference, both), want);
   }
 }
 
