@@ -88,11 +88,10 @@ inline double max_abs_diff(const float* a, const double* b, std::size_t n) {
 
 /// The largest ratio of a row's error to its tolerance (Reference): <= 1 passes; infinite for a NaN.
 inline double max_error_ratio(const float* a, const Reference& ref) {
+  const auto d = static_cast<std::size_t>(ref.head_dim);
   double m = 0;
-  for (std::size_t row = 0; row < ref.tolerance.size(); ++row) {
-    const std::size_t d = static_cast<std::size_t>(ref.head_dim);
+  for (std::size_t row = 0; row < ref.tolerance.size(); ++row)
     m = std::max(m, max_abs_diff(a + row * d, ref.out.data() + row * d, d) / ref.tolerance[row]);
-  }
   return m;
 }
 

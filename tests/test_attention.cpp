@@ -263,8 +263,8 @@ TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
   // the rounding of each softmax weight w_k to bf16 (relative error e_k, |e_k| <= u = 2^-8) with the
   // sum taken over the rounded weights: the output moves by sum_k (w'_k - w_k)(v_k - c) for any c,
   // and sum_k |w'_k - w_k| <= u / (1 - u), so |error| <= u / (1 - u) for V in [-1, 1] (c = 0), on
-  // top of the error of f32 arithmetic (Reference's tolerance), at any logit size. Everywhere else, including calls with
-  // more than one token per sequence, the call must give strict's bits. Pair products must also
+  // top of the error of f32 arithmetic (Reference's tolerance), at any logit size. Everywhere else,
+  // including calls with more than one token per sequence, the call must give strict's bits. Pair products must also
   // differ from strict in most cases (they did run), not depend on the thread count, and give
   // one-token cross-attention the same bits as decode.
   std::mt19937_64 rng(61);

@@ -668,9 +668,10 @@ void run_random_operations(Layout layout, std::uint64_t seed, int steps) {
       for (std::int64_t i = 0; i < view.block_count; ++i) ++holders[view.blocks[i]];
     }
     std::vector<bool> shared;
-    for (std::size_t b = 0; b < batch.size(); ++b)
-      for (std::int64_t t = 0; t < counts[b]; ++t)
-        shared.push_back(holders[cache.sequence_view(batch[b]).blocks[(positions[b] + t) / block_tokens]] > 1);
+    for (std::size_t b = 0; b < batch.size(); ++b) {
+      const KvSequenceView view = cache.sequence_view(batch[b]);
+      for (std::int64_t t = 0; t < counts[b]; ++t) shared.push_back(holders[view.blocks[(positions[b] + t) / block_tokens]] > 1);
+    }
     return shared;
   };
   // The model after a guarded write of `rows` is taken back (README, "Errors"): rows in blocks

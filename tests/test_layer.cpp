@@ -181,7 +181,7 @@ std::vector<double> reference_layer(const std::vector<float>& x, int tokens, int
 }
 
 /// A stack's output for input x: h <- h + layer_l(h), layer l attending to the K/V that layer
-/// map.source(l) computed from its own input. The layers' inputs are rounded to f32, as the stack
+/// source_of(l) of the sharing map computed from its own input. The layers' inputs are rounded to f32, as the stack
 /// keeps them.
 std::vector<double> reference_stack(const std::vector<float>& x, int tokens, int d_model, const ModelConfig& config,
                                     std::span<const LayerWeights> w) {
