@@ -67,7 +67,8 @@ KVATTN_ALWAYS_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0
 /// 0.90-0.94), 0.932x for T=1024 B=16 (5 runs) and 0.909-0.959x for T=4096, while f16 GQA 32/8
 /// T=4096 took 1.015x (3 runs); on the Zen 5 above, T1 took 1.028x for MHA f32 and 1.079x for GQA
 /// f16. An f32 row of d=128 is a whole 4 KiB prefetch distance per 8 keys: its lines wait in L2
-/// rather than crowd L1 (48 KB on Zen 5, 32 KB on Zen 4) ahead of the tile being read.
+/// rather than crowd L1 (48 KB on Zen 5, 32 KB on Zen 4) ahead of the tile being read, and so
+/// they are asked for prefetch_ahead_bytes_l2 ahead.
 template <class T>
 KVATTN_ALWAYS_INLINE void prefetch_row_line(const void* p) {
   if constexpr (sizeof(T) == 4) {
@@ -85,6 +86,13 @@ KVATTN_ALWAYS_INLINE void prefetch_row_line(const void* p) {
 /// T=1024 (5 runs, 0.92-0.96), 0.996x for T=4096 (7 runs, 0.97-1.01); 16-bit rows asked 2 KiB ahead
 /// lost (MHA f16 1.134x, GQA 1.059x), and 8 KiB ahead lost too (MHA f16 1.217x, GQA 1.049x).
 inline constexpr int prefetch_ahead_bytes = 4096;
+
+/// How far ahead the direct kernel asks for rows that go to L2 (f32, prefetch_row_line): a whole
+/// tile of f32 d=128 rows. On the Zen 4 of prefetch_row_line, with T1, 8 KiB against 4 KiB
+/// (scripts/ab-decode, 2 threads, median b/a) took 0.877x the time for GQA 32/8 T=4096 (5 runs),
+/// 0.874x for T=1024 B=16 and 0.992x for MHA 32/32 T=4096 (3 runs each); with T0 the same change
+/// had taken 1.044x (B=16) and 0.978x (MHA). (On the Zen 5, with T0, 4 KiB had won, see above.)
+inline constexpr int prefetch_ahead_bytes_l2 = 8192;
 
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
 /// the caches (prefetch_line), so that the memory latency of the direct kernel's next tile overlaps
@@ -433,11 +441,13 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// prefetches the next tile.
 inline constexpr int direct_key_tile = L >= 16 ? 16 : 32;
 
-/// How many keys past each row the direct kernel's prefetches ask for, for rows of row_bytes:
-/// prefetch_ahead_bytes of them, within one tile, on AVX-512; the next tile's on AVX2 and NEON (see
-/// direct_key_tile).
+/// How many keys past each row the direct kernel's prefetches ask for, for rows of row_bytes of
+/// storage type T: prefetch_ahead_bytes of them (prefetch_ahead_bytes_l2 for f32), within one tile,
+/// on AVX-512; the next tile's on AVX2 and NEON (see direct_key_tile).
+template <class T>
 inline int direct_prefetch_keys(int row_bytes) {
-  return L >= 16 ? std::clamp(prefetch_ahead_bytes / row_bytes, 1, direct_key_tile) : direct_key_tile;
+  const int ahead_bytes = sizeof(T) == 4 ? prefetch_ahead_bytes_l2 : prefetch_ahead_bytes;
+  return L >= 16 ? std::clamp(ahead_bytes / row_bytes, 1, direct_key_tile) : direct_key_tile;
 }
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
@@ -909,8 +919,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const std::int64_t key_end = t.keys_end();
   // Row pointers of three tiles: the one whose P·V runs, the next (whose dot products run in the
   // same iteration) and the one after. While they compute, the QK loop asks for the K rows and the
-  // P·V passes for the V rows prefetch_ahead_bytes past those they read (the next tile's for 16-bit
-  // d=128 rows): the hardware prefetcher alone leaves every tile start waiting on memory (Zen 4, 2
+  // P·V passes for the V rows direct_prefetch_keys past those they read (the next tile's for d=128
+  // rows): the hardware prefetcher alone leaves every tile start waiting on memory (Zen 4, 2
   // threads, GQA d=128 T=32768 f16 decode: 12.5 ms without, 8.3 ms with), and asking for K and V
   // both in the QK loop leaves the memory idle during P·V (5.3 ms with the V rows prefetched by the
   // P·V passes instead, 6.6 ms before; medians of 5 A/B runs). On the Xeon model 207 it matters
@@ -932,7 +942,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const T* ahead_rows[2][KT];         // tile i's rows ahead (i & 1), when not the next tile's
   const T* const* rows_ahead_of[2];   // what tile i's dot products and P·V passes prefetch (i & 1)
   alignas(64) float scores[2][R * KT];  // tile i's probabilities and tile i + 1's scores, in score layout
-  const int ahead = direct_prefetch_keys(d * static_cast<int>(sizeof(T)));
+  const int ahead = direct_prefetch_keys<T>(d * static_cast<int>(sizeof(T)));
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const std::int64_t n_tiles = key_end > t.key_begin ? (key_end - t.key_begin + KT - 1) / KT : 0;
   const auto tile_keys = [&](std::int64_t i) { return static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin - i * KT)); };
