@@ -5,14 +5,15 @@
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
 // Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
-// decode step (the reported manual time), then two streaming reads of the very K/V bytes it reads
-// (stream_sum: a tight SIMD read, with and without software prefetches), then the step's FLOPs as
+// decode step (the reported manual time), then three streaming reads of the very K/V bytes it reads
+// (stream_sum: a tight SIMD read, with either of the direct kernel's software prefetches and
+// without), then the step's FLOPs as
 // register-resident FMAs (fma_seconds), so all of them see the same moments of a noisy machine.
 // Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
-// median step / max(stream time, median FMA time), where the stream time is the smaller of the two
-// reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
-// machine), stream_GB_per_s (from the stream time), stream_prefetch (1 when the prefetching read was
-// the faster), peak_gflops (FLOPs / median FMA time),
+// median step / max(stream time, median FMA time), where the stream time is the smallest of the
+// three reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
+// machine), stream_GB_per_s (from the stream time), stream_prefetch (the fastest read's prefetches:
+// 0 none, 1 as for 16-bit rows, into L1, 2 as for f32 rows, into L2), peak_gflops (FLOPs / median FMA time),
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
@@ -36,6 +37,7 @@
 // Quick subset (~30 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2/'
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -223,11 +225,11 @@ void evict_caches(std::span<const std::span<const float>> parts) {
 #endif
 }
 
-/// Medians of a decode step's time, of a streaming read of the very bytes it reads (the faster of
-/// the reads with and without software prefetches) and of an FMA loop doing its FLOPs.
+/// Medians of a decode step's time, of a streaming read of the very bytes it reads (the fastest of
+/// the reads with each kind of software prefetches and without) and of an FMA loop doing its FLOPs.
 struct Paired {
   double step_s, stream_s, fma_s;
-  bool stream_prefetch;  ///< whether the faster read was the prefetching one
+  kvattn::kernels::read_prefetch stream_prefetch;  ///< the fastest read's prefetches
 };
 
 /// The median of a benchmark's per-iteration times (0 when there are none); sorts v.
@@ -236,26 +238,36 @@ double median(std::vector<double>& v) {
   return v.empty() ? 0. : v[v.size() / 2];
 }
 
-/// The two streaming reads of the same bytes whose faster median is the stream floor: with software
-/// prefetches and without (which is faster depends on the CPU and the hour); each after evicting
-/// the bytes when `cold`.
+/// The three streaming reads of the same bytes whose fastest median is the stream floor: with the
+/// direct kernel's prefetches for 16-bit rows (into L1) and for f32 rows (into L2), and without
+/// (which is fastest depends on the CPU and the hour); each after evicting the bytes when `cold`.
 struct FloorReads {
-  std::vector<double> prefetched, plain;
+  static constexpr std::array<kvattn::kernels::read_prefetch, 3> kinds{kvattn::kernels::read_prefetch::l1,
+                                                                        kvattn::kernels::read_prefetch::none,
+                                                                        kvattn::kernels::read_prefetch::l2};
+  std::array<std::vector<double>, 3> seconds;  // per kind
 
   void time(std::span<const std::span<const float>> bytes, int threads, bool cold) {
-    if (cold) evict_caches(bytes);
-    prefetched.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, true));
-    if (cold) evict_caches(bytes);
-    plain.push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, false));
+    for (std::size_t k = 0; k < kinds.size(); ++k) {
+      if (cold) evict_caches(bytes);
+      seconds[k].push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, kinds[k]));
+    }
   }
-  double floor_seconds() { return std::min(median(prefetched), median(plain)); }
-  bool prefetch_faster() { return median(prefetched) <= median(plain); }
+  /// The fastest kind's index into kinds.
+  std::size_t fastest() {
+    std::size_t best = 0;
+    for (std::size_t k = 1; k < kinds.size(); ++k)
+      if (median(seconds[k]) < median(seconds[best])) best = k;
+    return best;
+  }
+  double floor_seconds() { return median(seconds[fastest()]); }
+  kvattn::kernels::read_prefetch fastest_prefetch() { return kinds[fastest()]; }
 };
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
-/// one step (the iteration's time), then two streaming reads of the same K/V bytes (with software
-/// prefetches, then without: which is faster depends on the CPU and the hour, and the floor is the
-/// fastest read this machine does), then the step's FLOPs as register-resident FMAs, with `threads`
+/// one step (the iteration's time), then three streaming reads of the same K/V bytes (FloorReads:
+/// which is fastest depends on the CPU and the hour, and the floor is the fastest read this
+/// machine does), then the step's FLOPs as register-resident FMAs, with `threads`
 /// threads; the step and each read after evicting the caches when `cold`. Alternating them exposes
 /// all of them to the same moments of a shared machine, whose memory bandwidth swings by tens of
 /// percent from minute to minute and whose clock moves with its neighbours' load, so the ratios are
@@ -275,7 +287,7 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     reads.time(bytes, threads, cold);
     fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
-  return {median(steps), reads.floor_seconds(), median(fmas), reads.prefetch_faster()};
+  return {median(steps), reads.floor_seconds(), median(fmas), reads.fastest_prefetch()};
 }
 
 /// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
@@ -287,7 +299,7 @@ void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes
   state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, p.fma_s);
   state.counters["fma_over_stream"] = p.fma_s / p.stream_s;  // > 1: the FMA peak, not memory, is the floor
   state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
-  state.counters["stream_prefetch"] = p.stream_prefetch ? 1 : 0;
+  state.counters["stream_prefetch"] = static_cast<int>(p.stream_prefetch);  // 0 none, 1 into L1, 2 into L2
   state.counters["peak_gflops"] = s.flops() * 1e-9 / p.fma_s;
   state.counters["attn_threads"] = threads;
 }

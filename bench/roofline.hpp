@@ -43,11 +43,11 @@ inline double fma_seconds(double flops, int threads) {
 }
 
 /// One streaming read of the float ranges `parts` by `threads` threads (16 pieces per thread per
-/// range, dynamically scheduled like the kernels' work), in seconds, with or without software
+/// range, dynamically scheduled like the kernels' work), in seconds, with `prefetch`'s software
 /// prefetches; with `fmas` > 0, that many FMAs on every loaded vector (kvattn::kernels::stream_fma,
-/// the overlap probe, which prefetches).
+/// the overlap probe, which prefetches as read_prefetch::l1).
 inline double stream_read_seconds(std::span<const std::span<const float>> parts, int threads, int fmas = 0,
-                                  bool software_prefetch = true) {
+                                  kvattn::kernels::read_prefetch prefetch = kvattn::kernels::read_prefetch::l1) {
   const std::int64_t pieces = std::int64_t{threads} * 16;
   std::vector<float> sums(static_cast<std::size_t>(threads));
   const auto t0 = std::chrono::steady_clock::now();
@@ -56,7 +56,7 @@ inline double stream_read_seconds(std::span<const std::span<const float>> parts,
     const auto n = static_cast<std::int64_t>(part.size());
     const std::int64_t chunk = (n / pieces + 15) / 16 * 16;  // whole cache lines
     const std::int64_t begin = std::min(n, i % pieces * chunk), end = i % pieces + 1 == pieces ? n : std::min(n, begin + chunk);
-    sums[static_cast<std::size_t>(t)] += fmas == 0 ? kvattn::kernels::stream_sum(part.data() + begin, end - begin, kvattn::active_isa(), software_prefetch)
+    sums[static_cast<std::size_t>(t)] += fmas == 0 ? kvattn::kernels::stream_sum(part.data() + begin, end - begin, kvattn::active_isa(), prefetch)
                                                    : kvattn::kernels::stream_fma(part.data() + begin, end - begin, fmas);
   });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

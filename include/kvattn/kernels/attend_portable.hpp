@@ -18,6 +18,10 @@ namespace kvattn::kernels {
 /// Keys per tile: one tile of converted K (and V) rows stays in L1 while all query rows use it.
 inline constexpr int key_tile = 32;
 
+/// The software prefetches of the bandwidth probes' read (stream_sum): none, or as the direct
+/// kernel asks for its rows ahead, 16-bit rows (into L1) or f32 rows (into L2).
+enum class read_prefetch { none, l1, l2 };
+
 struct AttendTile;
 /// Points rows[0 .. n) at the K (values=false) or V rows of a tile's KV head from key k0 on, as f32
 /// rows of dp floats (zero-padded past the head dim): the stored rows themselves where they already

@@ -1084,28 +1084,39 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
-/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines
-/// prefetch_ahead_bytes further on, as the direct kernel asks for the rows ahead of those it reads.
+/// The probes' software prefetch for a step that reads the 4 vectors at x, as the direct kernel
+/// asks for the rows ahead of those it reads: the lines prefetch_ahead_bytes further on as for
+/// 16-bit rows (read_prefetch::l1), or prefetch_ahead_bytes_l2 further on into L2 as for f32 rows
+/// (l2).
+template <read_prefetch Prefetch = read_prefetch::l1>
 KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
-  for (int line = 0; line < 4 * L * 4; line += 64) prefetch_line(reinterpret_cast<const char*>(x) + prefetch_ahead_bytes + line);
+  const char* p = reinterpret_cast<const char*>(x);
+  for (int line = 0; line < 4 * L * 4; line += 64) {
+    if constexpr (Prefetch == read_prefetch::l2) {
+      prefetch_row_line<float>(p + prefetch_ahead_bytes_l2 + line);
+    } else if constexpr (Prefetch == read_prefetch::l1) {
+      prefetch_line(p + prefetch_ahead_bytes + line);
+    }
+  }
 }
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
-/// reads memory. Benchmarks use it as the bandwidth floor, with and without software prefetches
-/// (each line asked for prefetch_ahead_bytes ahead, as the direct kernel asks for its rows ahead),
-/// and take the faster:
+/// reads memory. Benchmarks use it as the bandwidth floor, without software prefetches and with
+/// each of the direct kernel's two (prefetch_probe_step), and take the fastest: on the Zen 4 of
+/// prefetch_row_line, MHA 32/32 f32 decode with its L2 prefetches took 0.91 of the faster of the
+/// other two reads' time (D1, 2 threads). Earlier, with those two reads only:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
 /// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
 /// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
 /// alternating reads: 16 MiB 161 against 155 GB/s, 64 MiB 97 against 115 GB/s; with hint T1 the
 /// plain read won both), though which one wins there also moves with the host's load. Loads go
 /// through load_once, as in stream_fma, so both loops read alike.
-template <bool Prefetch>
+template <read_prefetch Prefetch>
 KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   vec a0 = V::zero(), a1 = V::zero(), a2 = V::zero(), a3 = V::zero();
   std::int64_t i = 0;
   for (; i + 4 * L <= n; i += 4 * L) {
-    if constexpr (Prefetch) prefetch_probe_step(x + i);
+    prefetch_probe_step<Prefetch>(x + i);
     a0 = V::add(a0, V::load_once(x + i));
     a1 = V::add(a1, V::load_once(x + i + L));
     a2 = V::add(a2, V::load_once(x + i + 2 * L));
@@ -1114,6 +1125,15 @@ KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n) {
   float r = V::reduce_add(V::add(V::add(a0, a1), V::add(a2, a3)));
   for (; i < n; ++i) r += x[i];
   return r;
+}
+
+/// stream_sum<prefetch> for a run-time prefetch.
+KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n, read_prefetch prefetch) {
+  switch (prefetch) {
+    case read_prefetch::none: return stream_sum<read_prefetch::none>(x, n);
+    case read_prefetch::l2: return stream_sum<read_prefetch::l2>(x, n);
+    default: return stream_sum<read_prefetch::l1>(x, n);
+  }
 }
 
 /// Number of independent FMA chains the peak probe runs: half the registers, so none spill.

@@ -171,15 +171,16 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
 }
 
 /// Bandwidth probe: sums n floats on the active path (a streaming read; benchmarks' floor), with
-/// or without software prefetches (the faster of the two depends on the CPU).
-inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(), bool software_prefetch = true) {
+/// software prefetches as the direct kernel asks for 16-bit rows (read_prefetch::l1) or for f32
+/// rows (l2), or none (which of the three is fastest depends on the CPU and the hour).
+inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(), read_prefetch prefetch = read_prefetch::l1) {
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
-    case isa::avx512: return software_prefetch ? avx512::stream_sum<true>(x, n) : avx512::stream_sum<false>(x, n);
-    case isa::avx2: return software_prefetch ? avx2::stream_sum<true>(x, n) : avx2::stream_sum<false>(x, n);
+    case isa::avx512: return avx512::stream_sum(x, n, prefetch);
+    case isa::avx2: return avx2::stream_sum(x, n, prefetch);
 #endif
 #if defined(KVATTN_ARCH_AARCH64)
-    case isa::neon: return software_prefetch ? neon::stream_sum<true>(x, n) : neon::stream_sum<false>(x, n);
+    case isa::neon: return neon::stream_sum(x, n, prefetch);
 #endif
     default: {
       float a[8] = {};
