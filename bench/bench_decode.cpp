@@ -6,14 +6,14 @@
 //                                                             softmax, Vᵀ·p with Eigen
 // Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
 // decode step (the reported manual time), then three streaming reads of the very K/V bytes it reads
-// (stream_sum: a tight SIMD read, with either of the direct kernel's software prefetches and
-// without), then the step's FLOPs as
+// (stream_sum: a tight SIMD read, with software prefetches into L1 or, as the direct kernel's, into
+// L2, and without), then the step's FLOPs as
 // register-resident FMAs (fma_seconds), so all of them see the same moments of a noisy machine.
 // Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
 // median step / max(stream time, median FMA time), where the stream time is the smallest of the
 // three reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
 // machine), stream_GB_per_s (from the stream time), stream_prefetch (the fastest read's prefetches:
-// 0 none, 1 as for 16-bit rows, into L1, 2 as for f32 rows, into L2), peak_gflops (FLOPs / median FMA time),
+// 0 none, 1 into L1, 2 into L2), peak_gflops (FLOPs / median FMA time),
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
@@ -238,8 +238,8 @@ double median(std::vector<double>& v) {
   return v.empty() ? 0. : v[v.size() / 2];
 }
 
-/// The three streaming reads of the same bytes whose fastest median is the stream floor: with the
-/// direct kernel's prefetches for 16-bit rows (into L1) and for f32 rows (into L2), and without
+/// The three streaming reads of the same bytes whose fastest median is the stream floor: with
+/// software prefetches 4 KiB ahead into L1, 8 KiB ahead into L2 (the direct kernel's), and without
 /// (which is fastest depends on the CPU and the hour); each after evicting the bytes when `cold`.
 struct FloorReads {
   static constexpr std::array<kvattn::kernels::read_prefetch, 3> kinds{kvattn::kernels::read_prefetch::l1,

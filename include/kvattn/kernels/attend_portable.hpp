@@ -18,8 +18,8 @@ namespace kvattn::kernels {
 /// Keys per tile: one tile of converted K (and V) rows stays in L1 while all query rows use it.
 inline constexpr int key_tile = 32;
 
-/// The software prefetches of the bandwidth probes' read (stream_sum): none, or as the direct
-/// kernel asks for its rows ahead, 16-bit rows (into L1) or f32 rows (into L2).
+/// The software prefetches of the bandwidth probes' read (stream_sum): none, each line 4 KiB ahead
+/// into L1, or 8 KiB ahead into L2 (as the direct kernel asks for its rows ahead).
 enum class read_prefetch { none, l1, l2 };
 
 struct AttendTile;

@@ -50,48 +50,38 @@ KVATTN_ALWAYS_INLINE const T* byte_offset(const T* row, std::ptrdiff_t bytes) {
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(row) + bytes);
 }
 
-/// Asks for the cache line at p, into L1 and every level below (hint T0), as the kernels ask for
-/// their next tile and the bandwidth probes for the bytes ahead of their read. T0 rather than T1 (L2
-/// and below): on an AMD EPYC family 26 (Zen 5), decode with T1 against T0 (scripts/ab-decode, d=128,
-/// 2 threads, f16, median b/a of 5 runs) took 1.079x as long for GQA 32/8 at T=4096 (runs 1.00-1.29),
-/// 1.023x at T=2048 and 0.985x for MHA 32/32 at T=4096 (runs 0.90-1.01), and the probes' streaming
-/// read was faster with T0 (2 threads, 16 MiB, three runs: 136-143 -> 153-163 GB/s), so the floor is
-/// the stricter for it. On the Xeon model 207 T0 and T1 ran alike, and NTA three times slower. On
-/// aarch64 this is PLDL1KEEP.
+/// Asks for the cache line at p, into L1 and every level below (hint T0; PLDL1KEEP on aarch64): the
+/// bandwidth probes' L1 read (read_prefetch::l1), and until 2026-12-03 the direct kernel's. On an
+/// AMD EPYC family 26 (Zen 5), decode with T1 against T0 (scripts/ab-decode, d=128, 2 threads, f16,
+/// median b/a of 5 runs) took 1.079x as long for GQA 32/8 at T=4096 (runs 1.00-1.29), 1.023x at
+/// T=2048 and 0.985x for MHA 32/32 at T=4096 (runs 0.90-1.01), and 1.028x for MHA f32. On the Xeon
+/// model 207 T0 and T1 ran alike, and NTA three times slower.
 KVATTN_ALWAYS_INLINE void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-/// The direct kernel's prefetch of a line of its rows ahead, for storage type T: f32 rows into L2
-/// (hint T1; PLDL2KEEP on aarch64), 16-bit rows as prefetch_line. On an AMD EPYC family 25 model 17
-/// (Zen 4), f32 decode with T1 against T0 (scripts/ab-decode, d=128, 2 threads, median b/a) took
-/// 0.790x the time for MHA 32/32 T=4096 (5 runs, 0.78-0.82), 0.909x for GQA 32/8 T=32768 (3 runs,
-/// 0.90-0.94), 0.932x for T=1024 B=16 (5 runs) and 0.909-0.959x for T=4096, while f16 GQA 32/8
-/// T=4096 took 1.015x (3 runs); on the Zen 5 above, T1 took 1.028x for MHA f32 and 1.079x for GQA
-/// f16. An f32 row of d=128 is a whole 4 KiB prefetch distance per 8 keys: its lines wait in L2
-/// rather than crowd L1 (48 KB on Zen 5, 32 KB on Zen 4) ahead of the tile being read, and so
-/// they are asked for prefetch_ahead_bytes_l2 ahead.
-template <class T>
-KVATTN_ALWAYS_INLINE void prefetch_row_line(const void* p) {
-  if constexpr (sizeof(T) == 4) {
-    __builtin_prefetch(p, 0, 2);
-  } else {
-    prefetch_line(p);
-  }
-}
+/// Asks for the cache line at p into L2 and below (hint T1; PLDL2KEEP on aarch64): the direct
+/// kernel's prefetch of its rows ahead, and the probes' L2 read (read_prefetch::l2). T1 rather than
+/// T0 since a Zen 4 (AMD EPYC family 25 model 17): decode with T1 against T0 (scripts/ab-decode,
+/// d=128, 2 threads, median b/a) took, for f32, 0.790x the time for MHA 32/32 T=4096 (5 runs,
+/// 0.78-0.82), 0.909x for GQA 32/8 T=32768 (3 runs), 0.932x for T=1024 B=16 (5 runs), 0.909-0.959x
+/// for T=4096; for 16-bit rows, MHA f16 0.903x, GQA T=1024 B=16 f16 0.837x, T=32768 bf16 0.883x (3
+/// runs each) and GQA T=4096 f16 1.015x (3 runs). That gain outweighs the Zen 5's losses above.
+KVATTN_ALWAYS_INLINE void prefetch_row_line(const void* p) { __builtin_prefetch(p, 0, 2); }
 
-/// How far ahead of its read a stream asks for lines (prefetch_line): about 4 KiB of each stream of
-/// rows. The direct kernel asks for the rows this many bytes of K (and of V) past each row it reads.
-/// On an AMD EPYC family 26 (Zen 5), f32 d=128 rows in 16-key tiles asked 4 KiB ahead rather than a
-/// whole tile (8 KiB) took (scripts/ab-decode, 2 threads, median b/a) 0.913x the time for MHA 32/32
-/// T=4096 (5 runs, 0.89-0.97), 0.937x for GQA 32/8 T=32768 (3 runs, 0.91-0.94), 0.955x for B=16
-/// T=1024 (5 runs, 0.92-0.96), 0.996x for T=4096 (7 runs, 0.97-1.01); 16-bit rows asked 2 KiB ahead
-/// lost (MHA f16 1.134x, GQA 1.059x), and 8 KiB ahead lost too (MHA f16 1.217x, GQA 1.049x).
+/// How far ahead of its read the probes' L1 read asks for lines (prefetch_line), as the direct
+/// kernel did until 2026-12-03. On the Zen 5, with T0, f32 d=128 rows in 16-key tiles asked 4 KiB
+/// ahead rather than a whole tile (8 KiB) took (scripts/ab-decode, 2 threads, median b/a) 0.913x the
+/// time for MHA 32/32 T=4096 (5 runs, 0.89-0.97), 0.937x for GQA 32/8 T=32768 (3 runs, 0.91-0.94),
+/// 0.955x for B=16 T=1024 (5 runs, 0.92-0.96), 0.996x for T=4096 (7 runs, 0.97-1.01); 16-bit rows
+/// asked 2 KiB ahead lost (MHA f16 1.134x, GQA 1.059x), and 8 KiB ahead lost too (MHA f16 1.217x,
+/// GQA 1.049x).
 inline constexpr int prefetch_ahead_bytes = 4096;
 
-/// How far ahead the direct kernel asks for rows that go to L2 (f32, prefetch_row_line): a whole
-/// tile of f32 d=128 rows. On the Zen 4 of prefetch_row_line, with T1, 8 KiB against 4 KiB
-/// (scripts/ab-decode, 2 threads, median b/a) took 0.877x the time for GQA 32/8 T=4096 (5 runs),
-/// 0.874x for T=1024 B=16 and 0.992x for MHA 32/32 T=4096 (3 runs each); with T0 the same change
-/// had taken 1.044x (B=16) and 0.978x (MHA). (On the Zen 5, with T0, 4 KiB had won, see above.)
+/// How far ahead the direct kernel asks for the rows past each one it reads (prefetch_row_line,
+/// at most a tile: a whole tile of f32 d=128 rows, of 16-bit rows up to d=128), and the probes' L2
+/// read for its lines. On the Zen 4, with T1, f32 d=128 rows 8 KiB against 4 KiB ahead took 0.877x
+/// the time for GQA 32/8 T=4096 (scripts/ab-decode, 2 threads, median b/a of 5 runs), 0.874x for
+/// T=1024 B=16 and 0.992x for MHA 32/32 T=4096 (3 runs each); with T0 the same change had taken
+/// 1.044x (B=16) and 0.978x (MHA). (16-bit rows of d=256: not measured.)
 inline constexpr int prefetch_ahead_bytes_l2 = 8192;
 
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
@@ -133,7 +123,7 @@ class TileLinePrefetcher {
 
  private:
   KVATTN_ALWAYS_INLINE void fetch(int row, int line) const {
-    prefetch_row_line<T>(reinterpret_cast<const char*>(byte_offset(rows_[row], offset_)) + line * 64);
+    prefetch_row_line(reinterpret_cast<const char*>(byte_offset(rows_[row], offset_)) + line * 64);
   }
   const T* const* rows_;
   std::ptrdiff_t offset_;
@@ -441,13 +431,11 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// prefetches the next tile.
 inline constexpr int direct_key_tile = L >= 16 ? 16 : 32;
 
-/// How many keys past each row the direct kernel's prefetches ask for, for rows of row_bytes of
-/// storage type T: prefetch_ahead_bytes of them (prefetch_ahead_bytes_l2 for f32), within one tile,
-/// on AVX-512; the next tile's on AVX2 and NEON (see direct_key_tile).
-template <class T>
+/// How many keys past each row the direct kernel's prefetches ask for, for rows of row_bytes:
+/// prefetch_ahead_bytes_l2 of them, within one tile, on AVX-512; the next tile's on AVX2 and NEON
+/// (see direct_key_tile).
 inline int direct_prefetch_keys(int row_bytes) {
-  const int ahead_bytes = sizeof(T) == 4 ? prefetch_ahead_bytes_l2 : prefetch_ahead_bytes;
-  return L >= 16 ? std::clamp(ahead_bytes / row_bytes, 1, direct_key_tile) : direct_key_tile;
+  return L >= 16 ? std::clamp(prefetch_ahead_bytes_l2 / row_bytes, 1, direct_key_tile) : direct_key_tile;
 }
 
 /// Reduces every aligned group of W lanes (max or sum); each lane gets its group's result.
@@ -942,7 +930,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const T* ahead_rows[2][KT];         // tile i's rows ahead (i & 1), when not the next tile's
   const T* const* rows_ahead_of[2];   // what tile i's dot products and P·V passes prefetch (i & 1)
   alignas(64) float scores[2][R * KT];  // tile i's probabilities and tile i + 1's scores, in score layout
-  const int ahead = direct_prefetch_keys<T>(d * static_cast<int>(sizeof(T)));
+  const int ahead = direct_prefetch_keys(d * static_cast<int>(sizeof(T)));
   const std::ptrdiff_t v_bytes = t.slot->v_offset - t.slot->k_offset;
   const std::int64_t n_tiles = key_end > t.key_begin ? (key_end - t.key_begin + KT - 1) / KT : 0;
   const auto tile_keys = [&](std::int64_t i) { return static_cast<int>(std::min<std::int64_t>(KT, key_end - t.key_begin - i * KT)); };
@@ -1084,16 +1072,15 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
-/// The probes' software prefetch for a step that reads the 4 vectors at x, as the direct kernel
-/// asks for the rows ahead of those it reads: the lines prefetch_ahead_bytes further on as for
-/// 16-bit rows (read_prefetch::l1), or prefetch_ahead_bytes_l2 further on into L2 as for f32 rows
-/// (l2).
+/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines
+/// prefetch_ahead_bytes further on into L1 (read_prefetch::l1), or prefetch_ahead_bytes_l2 further
+/// on into L2 (l2), as the direct kernel asks for the rows ahead of those it reads.
 template <read_prefetch Prefetch = read_prefetch::l1>
 KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
   const char* p = reinterpret_cast<const char*>(x);
   for (int line = 0; line < 4 * L * 4; line += 64) {
     if constexpr (Prefetch == read_prefetch::l2) {
-      prefetch_row_line<float>(p + prefetch_ahead_bytes_l2 + line);
+      prefetch_row_line(p + prefetch_ahead_bytes_l2 + line);
     } else if constexpr (Prefetch == read_prefetch::l1) {
       prefetch_line(p + prefetch_ahead_bytes + line);
     }
@@ -1102,9 +1089,9 @@ KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
 /// reads memory. Benchmarks use it as the bandwidth floor, without software prefetches and with
-/// each of the direct kernel's two (prefetch_probe_step), and take the fastest: on the Zen 4 of
-/// prefetch_row_line, MHA 32/32 f32 decode with its L2 prefetches took 0.91 of the faster of the
-/// other two reads' time (D1, 2 threads). Earlier, with those two reads only:
+/// each of prefetch_probe_step's two, and take the fastest: on the Zen 4 of prefetch_row_line, MHA
+/// 32/32 f32 decode with its L2 prefetches took 0.91 of the faster of the other two reads' time (D1,
+/// 2 threads). Earlier, with those two reads only:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
 /// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
 /// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
