@@ -5,15 +5,15 @@
 //   DecodeEigenNaive/<design>/T<tokens>/B<batch>/threads:<n>  per (sequence, query head): f32 K·q,
 //                                                             softmax, Vᵀ·p with Eigen
 // Times and counters are wall time (the work runs on <n> OpenMP threads). Every iteration times one
-// decode step (the reported manual time), then three streaming reads of the very K/V bytes it reads
-// (stream_sum: a tight SIMD read, with software prefetches into L1 or, as the direct kernel's, into
-// L2, and without), then the step's FLOPs as
+// decode step (the reported manual time), then four streaming reads of the very K/V bytes it reads
+// (stream_sum: a tight SIMD read, with software prefetches 4 KiB ahead into L1, 4 or 8 KiB ahead
+// into L2 as the direct kernel's, and without), then the step's FLOPs as
 // register-resident FMAs (fma_seconds), so all of them see the same moments of a noisy machine.
 // Counters: kv_bytes (K/V bytes read per step), median_us (median step), GB_per_s, floor_ratio =
 // median step / max(stream time, median FMA time), where the stream time is the smallest of the
-// three reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
+// four reads' medians, fma_over_stream = median FMA time / stream time (above 1: compute-bound on this
 // machine), stream_GB_per_s (from the stream time), stream_prefetch (the fastest read's prefetches:
-// 0 none, 1 into L1, 2 into L2), peak_gflops (FLOPs / median FMA time),
+// 0 none, 1 into L1, 2 into L2 4 KiB ahead, 3 8 KiB ahead), peak_gflops (FLOPs / median FMA time),
 // attn_threads (threads of the attention; not named `threads`, which would duplicate Google
 // Benchmark's own "threads" key in the JSON).
 // Label: storage type and the kernels' ISA path (kvattn::active_isa(); KVATTN_ISA=scalar|avx2|avx512
@@ -238,14 +238,14 @@ double median(std::vector<double>& v) {
   return v.empty() ? 0. : v[v.size() / 2];
 }
 
-/// The three streaming reads of the same bytes whose fastest median is the stream floor: with
-/// software prefetches 4 KiB ahead into L1, 8 KiB ahead into L2 (the direct kernel's), and without
-/// (which is fastest depends on the CPU and the hour); each after evicting the bytes when `cold`.
+/// The four streaming reads of the same bytes whose fastest median is the stream floor: with
+/// software prefetches 4 KiB ahead into L1, 4 and 8 KiB ahead into L2 (the direct kernel's), and
+/// without (which is fastest depends on the CPU and the hour); each after evicting the bytes when
+/// `cold`.
 struct FloorReads {
-  static constexpr std::array<kvattn::kernels::read_prefetch, 3> kinds{kvattn::kernels::read_prefetch::l1,
-                                                                        kvattn::kernels::read_prefetch::none,
-                                                                        kvattn::kernels::read_prefetch::l2};
-  std::array<std::vector<double>, 3> seconds;  // per kind
+  using kind = kvattn::kernels::read_prefetch;
+  static constexpr std::array<kind, 4> kinds{kind::l1, kind::none, kind::l2, kind::l2_far};
+  std::array<std::vector<double>, kinds.size()> seconds;  // per kind
 
   void time(std::span<const std::span<const float>> bytes, int threads, bool cold) {
     for (std::size_t k = 0; k < kinds.size(); ++k) {
@@ -265,7 +265,7 @@ struct FloorReads {
 };
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
-/// one step (the iteration's time), then three streaming reads of the same K/V bytes (FloorReads:
+/// one step (the iteration's time), then four streaming reads of the same K/V bytes (FloorReads:
 /// which is fastest depends on the CPU and the hour, and the floor is the fastest read this
 /// machine does), then the step's FLOPs as register-resident FMAs, with `threads`
 /// threads; the step and each read after evicting the caches when `cold`. Alternating them exposes
@@ -299,7 +299,7 @@ void set_counters(benchmark::State& state, const Shape& s, std::int64_t kv_bytes
   state.counters["floor_ratio"] = p.step_s / std::max(p.stream_s, p.fma_s);
   state.counters["fma_over_stream"] = p.fma_s / p.stream_s;  // > 1: the FMA peak, not memory, is the floor
   state.counters["stream_GB_per_s"] = kv_bytes * 1e-9 / p.stream_s;
-  state.counters["stream_prefetch"] = static_cast<int>(p.stream_prefetch);  // 0 none, 1 into L1, 2 into L2
+  state.counters["stream_prefetch"] = static_cast<int>(p.stream_prefetch);  // read_prefetch: 0 none, 1 L1, 2 L2, 3 L2 far
   state.counters["peak_gflops"] = s.flops() * 1e-9 / p.fma_s;
   state.counters["attn_threads"] = threads;
 }

@@ -377,7 +377,8 @@ TEST_P(PerIsa, BenchmarkProbesReadEveryByte) {
   double sum = 0, magnitude = 0;
   for (float& v : x) v = u(rng), sum += v, magnitude += std::fabs(v);
   const auto n = static_cast<std::int64_t>(x.size());
-  for (kernels::read_prefetch prefetch : {kernels::read_prefetch::none, kernels::read_prefetch::l1, kernels::read_prefetch::l2})
+  for (kernels::read_prefetch prefetch :
+       {kernels::read_prefetch::none, kernels::read_prefetch::l1, kernels::read_prefetch::l2, kernels::read_prefetch::l2_far})
     EXPECT_NEAR(kernels::stream_sum(x.data(), n, GetParam(), prefetch), sum, 1e-5 * magnitude) << static_cast<int>(prefetch);
   for (int fmas : {1, 7, 16})
     EXPECT_NEAR(kernels::stream_fma(x.data(), n, fmas, GetParam()), fmas * 0.999999 * sum, 1e-5 * fmas * magnitude) << fmas;

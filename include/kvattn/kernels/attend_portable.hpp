@@ -19,8 +19,9 @@ namespace kvattn::kernels {
 inline constexpr int key_tile = 32;
 
 /// The software prefetches of the bandwidth probes' read (stream_sum): none, each line 4 KiB ahead
-/// into L1, or 8 KiB ahead into L2 (as the direct kernel asks for its rows ahead).
-enum class read_prefetch { none, l1, l2 };
+/// into L1, 4 KiB ahead into L2, or 8 KiB ahead into L2 (the direct kernel asks for its rows ahead
+/// into L2, a tile ahead: 4 KiB of 16-bit d=128 rows, 8 KiB of f32 ones).
+enum class read_prefetch { none, l1, l2, l2_far };
 
 struct AttendTile;
 /// Points rows[0 .. n) at the K (values=false) or V rows of a tile's KV head from key k0 on, as f32

@@ -1073,14 +1073,17 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
 }
 
 /// The probes' software prefetch for a step that reads the 4 vectors at x: the lines
-/// prefetch_ahead_bytes further on into L1 (read_prefetch::l1), or prefetch_ahead_bytes_l2 further
-/// on into L2 (l2), as the direct kernel asks for the rows ahead of those it reads.
+/// prefetch_ahead_bytes further on into L1 (read_prefetch::l1) or into L2 (l2), or
+/// prefetch_ahead_bytes_l2 further on into L2 (l2_far), as the direct kernel asks for the rows
+/// ahead of those it reads.
 template <read_prefetch Prefetch = read_prefetch::l1>
 KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
   const char* p = reinterpret_cast<const char*>(x);
   for (int line = 0; line < 4 * L * 4; line += 64) {
-    if constexpr (Prefetch == read_prefetch::l2) {
+    if constexpr (Prefetch == read_prefetch::l2_far) {
       prefetch_row_line(p + prefetch_ahead_bytes_l2 + line);
+    } else if constexpr (Prefetch == read_prefetch::l2) {
+      prefetch_row_line(p + prefetch_ahead_bytes + line);
     } else if constexpr (Prefetch == read_prefetch::l1) {
       prefetch_line(p + prefetch_ahead_bytes + line);
     }
@@ -1089,9 +1092,10 @@ KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
 
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
 /// reads memory. Benchmarks use it as the bandwidth floor, without software prefetches and with
-/// each of prefetch_probe_step's two, and take the fastest: on the Zen 4 of prefetch_row_line, MHA
-/// 32/32 f32 decode with its L2 prefetches took 0.91 of the faster of the other two reads' time (D1,
-/// 2 threads). Earlier, with those two reads only:
+/// each of prefetch_probe_step's three, and take the fastest: on the Zen 4 of prefetch_row_line, MHA
+/// 32/32 decode with L2 prefetches took 0.91 (f32, 8 KiB ahead) and 0.95-0.97 (16-bit, 4 KiB) of the
+/// fastest read's time (D1, 2 threads) until the floor had the same reads. Earlier, with the plain
+/// and the L1 read only:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
 /// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
 /// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
@@ -1119,6 +1123,7 @@ KVATTN_TARGET inline float stream_sum(const float* x, std::int64_t n, read_prefe
   switch (prefetch) {
     case read_prefetch::none: return stream_sum<read_prefetch::none>(x, n);
     case read_prefetch::l2: return stream_sum<read_prefetch::l2>(x, n);
+    case read_prefetch::l2_far: return stream_sum<read_prefetch::l2_far>(x, n);
     default: return stream_sum<read_prefetch::l1>(x, n);
   }
 }

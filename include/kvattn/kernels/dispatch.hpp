@@ -171,8 +171,8 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
 }
 
 /// Bandwidth probe: sums n floats on the active path (a streaming read; benchmarks' floor), with
-/// software prefetches into L1 (read_prefetch::l1) or into L2 as the direct kernel's (l2), or none
-/// (which of the three is fastest depends on the CPU and the hour).
+/// software prefetches (read_prefetch) or none (which read is fastest depends on the CPU and the
+/// hour).
 inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(), read_prefetch prefetch = read_prefetch::l1) {
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
