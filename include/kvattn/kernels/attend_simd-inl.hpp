@@ -85,7 +85,7 @@ inline constexpr int prefetch_ahead_bytes = 4096;
 inline constexpr int prefetch_ahead_bytes_l2 = 8192;
 
 /// Asks for 64-byte lines of the rows rows[0 ..), `offset` bytes past each row, to be brought into
-/// the caches (prefetch_line), so that the memory latency of the direct kernel's next tile overlaps
+/// the caches (prefetch_row_line), so that the memory latency of the direct kernel's next tile overlaps
 /// this tile's arithmetic. Lines are numbered in address order, row after row (line g is line g %
 /// row_lines of row g / row_lines), so the caller's loop asks for the tile front to back whatever
 /// order it computes in: asking for the same lines column-wise (the lines of the current P·V pass in
@@ -413,8 +413,8 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 
 /// Keys per tile of the direct kernel. Its per-tile costs (row pointers, the softmax's reductions,
 /// reloading and rescaling the output accumulators) are spread over this many keys, and the tile
-/// being read and the next one, which prefetch_row_line asks for, should sit in L1 together with
-/// room to spare: the tiles of one KV head's K and V rows lie a multiple of 4 KiB apart, so they
+/// being read and the next one (asked for ahead by prefetch_row_line: into L2 since 2026-12-03,
+/// into L1 when the sizes below were measured) should sit in L1 together with room to spare: the tiles of one KV head's K and V rows lie a multiple of 4 KiB apart, so they
 /// share L1 sets (f32 d=128 at 32 keys: 16 lines per set of a 12-way L1 for the two tiles' K and V).
 /// Fewer keys cost more per key while K/V sit in L2 and less as soon as they stream. Measured on an
 /// AMD EPYC family 26 (Zen 5) with scripts/ab-decode (d=128, 2 threads, median b/a of 5 runs),
@@ -1093,9 +1093,10 @@ KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
 /// Sums n floats with several independent accumulators: a streaming read as fast as this path
 /// reads memory. Benchmarks use it as the bandwidth floor, without software prefetches and with
 /// each of prefetch_probe_step's three, and take the fastest: on the Zen 4 of prefetch_row_line, MHA
-/// 32/32 decode with L2 prefetches took 0.91 (f32, 8 KiB ahead) and 0.95-0.97 (16-bit, 4 KiB) of the
-/// fastest read's time (D1, 2 threads) until the floor had the same reads. Earlier, with the plain
-/// and the L1 read only:
+/// 32/32 decode with L2 prefetches took 0.91 (f32, 8 KiB ahead) of the faster of the plain and the
+/// L1 read's time, and 0.95-0.97 (16-bit, 4 KiB ahead) of the fastest of those and the far L2 read
+/// (D1, 2 threads); with the near L2 read as well, D1 bf16 still read 0.95 in one of two runs on a
+/// busy host. Earlier, with the plain and the L1 read only:
 /// on a Zen 4 the hardware prefetcher alone streamed 20-40% slower (2 threads, 67-134 MB: 26-31
 /// GB/s without, 33-38 GB/s at 2-8 KiB ahead, less at 16); on a Zen 5 (AMD EPYC family 26) the
 /// prefetching read was the faster from L3 and the plain one from DRAM (2 threads, medians of 40
