@@ -28,16 +28,13 @@ struct Reference {
   int head_dim = 0;
 };
 
-/// Attention of the n query tokens q[i][hq][d] of sequence id, in double (Reference).
-template <KvLayoutPolicy L>
-Reference reference_attention(const KvCache<L>& cache, int layer, seq_id id, const float* q, std::int64_t n, bool causal,
-                              double scale = 0.0) {
-  const HeadShape& h = cache.config().heads();
+/// Attention in double (Reference) of the n query tokens q[i][hq][d] over len K and V rows
+/// k[t][hkv][d], v[t][hkv][d] (the values the cache stores); causal: token i sees the first
+/// len - n + i + 1 rows. scale 0: 1 / sqrt(d).
+inline Reference reference_attention(const HeadShape& h, const float* q, std::int64_t n, const float* k, const float* v, std::int64_t len,
+                                     bool causal, double scale = 0.0) {
   const int hq = h.q_heads(), hkv = h.kv_heads(), d = h.head_dim();
   if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(d));
-  const std::int64_t len = cache.length(id);
-  std::vector<float> k(static_cast<std::size_t>(len) * hkv * d), v(k.size());
-  for (std::int64_t t = 0; t < len; ++t) cache.read(id, layer, t, &k[t * hkv * d], &v[t * hkv * d]);
   Reference ref;
   ref.head_dim = d;
   ref.out.assign(static_cast<std::size_t>(n) * hq * d, 0.0);
@@ -72,6 +69,19 @@ Reference reference_attention(const KvCache<L>& cache, int layer, seq_id id, con
     }
   }
   return ref;
+}
+
+/// Attention of the n query tokens q[i][hq][d] of sequence id over its cached K/V (read back through
+/// KvCache::read), in double (Reference).
+template <KvLayoutPolicy L>
+Reference reference_attention(const KvCache<L>& cache, int layer, seq_id id, const float* q, std::int64_t n, bool causal,
+                              double scale = 0.0) {
+  const HeadShape& h = cache.config().heads();
+  const int hkv = h.kv_heads(), d = h.head_dim();
+  const std::int64_t len = cache.length(id);
+  std::vector<float> k(static_cast<std::size_t>(len) * hkv * d), v(k.size());
+  for (std::int64_t t = 0; t < len; ++t) cache.read(id, layer, t, &k[t * hkv * d], &v[t * hkv * d]);
+  return reference_attention(h, q, n, k.data(), v.data(), len, causal, scale);
 }
 
 /// Max |a - b| over a float result and a double reference; infinite if any difference is not a

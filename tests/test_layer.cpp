@@ -13,6 +13,7 @@
 
 using namespace kvattn;
 using kvattn::testing::random_floats;
+using kvattn::testing::reference_attention;
 
 // Fault injection for the Failed... tests of the layer and the stack: when a thread sets it to
 // n >= 0, its allocation through operator new (plain or aligned: the cache's K/V blocks come from
@@ -136,30 +137,15 @@ struct ReferenceLayer {
     for (double& e : v) e = round_to_dtype(static_cast<float>(e), dt);
     return {std::move(k), std::move(v)};
   }
-  /// The layer's output (Wo . attention) for input h over the K/V rows k, v.
+  /// The layer's output (Wo . attention) for input h over the K/V rows k, v (causal), the
+  /// attention by reference_attention on q as the library holds it (f32).
   std::vector<double> attend(const std::vector<double>& h, const LayerWeights& w, const std::vector<double>& k,
                              const std::vector<double>& v) const {
-    const int hq = heads.q_heads(), hkv = heads.kv_heads(), d = heads.head_dim();
+    const int hq = heads.q_heads(), d = heads.head_dim();
     std::vector<double> q = project(h, w.wq, hq * d);
     rotate(q, hq);
-    std::vector<double> attn(static_cast<std::size_t>(tokens) * hq * d, 0.0);
-    for (int t = 0; t < tokens; ++t)
-      for (int hh = 0; hh < hq; ++hh) {
-        const int kh = hh / (hq / hkv);
-        std::vector<double> logit(static_cast<std::size_t>(t) + 1);
-        double mx = -INFINITY, sum = 0;
-        for (int j = 0; j <= t; ++j) {
-          double s = 0;
-          for (int c = 0; c < d; ++c)  // the library's q is f32
-            s += double(static_cast<float>(q[(static_cast<std::size_t>(t) * hq + hh) * d + c])) * k[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
-          logit[static_cast<std::size_t>(j)] = s / std::sqrt(double(d));
-          mx = std::max(mx, logit[static_cast<std::size_t>(j)]);
-        }
-        for (double& l : logit) sum += (l = std::exp(l - mx));
-        for (int j = 0; j <= t; ++j)
-          for (int c = 0; c < d; ++c)
-            attn[(static_cast<std::size_t>(t) * hq + hh) * d + c] += logit[static_cast<std::size_t>(j)] / sum * v[(static_cast<std::size_t>(j) * hkv + kh) * d + c];
-      }
+    const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()), vf(v.begin(), v.end());
+    const std::vector<double> attn = reference_attention(heads, qf.data(), tokens, kf.data(), vf.data(), tokens, true).out;
     std::vector<double> y(static_cast<std::size_t>(tokens) * d_model, 0.0);
     for (int t = 0; t < tokens; ++t)
       for (int o = 0; o < d_model; ++o) {
