@@ -253,15 +253,17 @@ struct FloorReads {
       seconds[k].push_back(kvattn_bench::stream_read_seconds(bytes, threads, 0, kinds[k]));
     }
   }
-  /// The fastest kind's index into kinds.
-  std::size_t fastest() {
-    std::size_t best = 0;
+  /// The stream floor: the fastest kind's median and its prefetches.
+  struct Floor {
+    double seconds;
+    kind prefetch;
+  };
+  Floor floor() {
+    Floor best{median(seconds[0]), kinds[0]};
     for (std::size_t k = 1; k < kinds.size(); ++k)
-      if (median(seconds[k]) < median(seconds[best])) best = k;
+      if (const double s = median(seconds[k]); s < best.seconds) best = {s, kinds[k]};
     return best;
   }
-  double floor_seconds() { return median(seconds[fastest()]); }
-  kvattn::kernels::read_prefetch fastest_prefetch() { return kinds[fastest()]; }
 };
 
 /// The timed loop of every decode benchmark (registered with UseManualTime): each iteration times
@@ -287,7 +289,8 @@ Paired paired_loop(benchmark::State& state, Step&& step, std::span<const std::sp
     reads.time(bytes, threads, cold);
     fmas.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
-  return {median(steps), reads.floor_seconds(), median(fmas), reads.fastest_prefetch()};
+  const FloorReads::Floor floor = reads.floor();
+  return {median(steps), floor.seconds, median(fmas), floor.prefetch};
 }
 
 /// Counters shared by all decode benchmarks, from the medians of a paired loop: floor = max(stream
@@ -484,7 +487,7 @@ void BM_Overlap(benchmark::State& state, int fmas) {
     reads.time(memory, threads, false);
     l2.push_back(in_l2());
   }
-  const double f = reads.floor_seconds();  // the floor the decode benchmarks use
+  const double f = reads.floor().seconds;  // the floor the decode benchmarks use
   state.counters["median_us"] = median(streamed) * 1e6;
   state.counters["floor_ratio"] = median(streamed) / f;
   state.counters["compute_ratio"] = median(l2) / f;

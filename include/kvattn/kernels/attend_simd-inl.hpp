@@ -414,8 +414,9 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
 /// Keys per tile of the direct kernel. Its per-tile costs (row pointers, the softmax's reductions,
 /// reloading and rescaling the output accumulators) are spread over this many keys, and the tile
 /// being read and the next one (asked for ahead by prefetch_row_line: into L2 since 2026-12-03,
-/// into L1 when the sizes below were measured) should sit in L1 together with room to spare: the tiles of one KV head's K and V rows lie a multiple of 4 KiB apart, so they
-/// share L1 sets (f32 d=128 at 32 keys: 16 lines per set of a 12-way L1 for the two tiles' K and V).
+/// into L1 when the sizes below were measured) should sit in L1 together with room to spare: the
+/// tiles of one KV head's K and V rows lie a multiple of 4 KiB apart, so they share L1 sets (f32
+/// d=128 at 32 keys: 16 lines per set of a 12-way L1 for the two tiles' K and V).
 /// Fewer keys cost more per key while K/V sit in L2 and less as soon as they stream. Measured on an
 /// AMD EPYC family 26 (Zen 5) with scripts/ab-decode (d=128, 2 threads, median b/a of 5 runs),
 /// 32 -> 16 keys: f32 GQA 32/8 T=4096 0.908 (runs 0.85-0.97), MHA 32/32 T=4096 0.796 (0.78-0.80),
