@@ -6,7 +6,9 @@
 #include <kvattn/kvattn.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <random>
 #include <string_view>
@@ -139,10 +141,12 @@ void append_random(KvCache<L>& cache, seq_id id, std::int64_t n, std::mt19937_64
   cache.append(id, n, k.data(), v.data());
 }
 
-/// Everything observable about a cache, to show that a failed call changed nothing.
+/// Everything observable about a cache, to show that a failed call changed nothing. Contents are
+/// the bits of every element read back: a row extended but never written holds whatever the memory
+/// held, possibly a NaN, which as a float would not equal itself.
 struct CacheSnapshot {
   std::vector<std::pair<seq_id, std::int64_t>> lengths;
-  std::vector<float> contents;
+  std::vector<std::uint32_t> contents;
   std::int64_t reserved = 0, live = 0, in_use = 0, free = 0;
   bool operator==(const CacheSnapshot&) const = default;
 };
@@ -162,8 +166,8 @@ CacheSnapshot snapshot(const KvCache<L>& cache, std::span<const seq_id> ids) {
     for (int layer = 0; layer < cache.config().n_layers(); ++layer)
       for (std::int64_t t = 0; t < cache.length(id); ++t) {
         cache.read(id, layer, t, k.data(), v.data());
-        s.contents.insert(s.contents.end(), k.begin(), k.end());
-        s.contents.insert(s.contents.end(), v.begin(), v.end());
+        for (const std::vector<float>* row : {&k, &v})
+          for (float x : *row) s.contents.push_back(std::bit_cast<std::uint32_t>(x));
       }
   }
   return s;
