@@ -256,6 +256,40 @@ TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
     }
 }
 
+TEST_P(PerIsa, ASequencesResultDoesNotDependOnItsBatch) {
+  // Bitwise: a decode sequence is split by its own length only (kernels::plan_attention), so it
+  // gives the same output alone, beside a much longer sequence (whose length would have set a
+  // batch-wide chunk size), and among 40 short ones (82 units, enough work for any thread count
+  // without splitting). A group of 4 and of 3 (direct and buffered kernels), every storage type.
+  std::mt19937_64 rng(43);
+  for (kv_dtype dtype : {kv_dtype::f16, kv_dtype::bf16, kv_dtype::f32})
+    for (int group : {4, 3}) {
+      const int hkv = 2, d = 64, hq = hkv * group;
+      const ModelConfig cfg(HeadShape(hq, hkv, d), LayerSharingMap::none(1), dtype);
+      KvCache<PagedLayout> cache(cfg, PagedLayout{64});
+      std::vector<seq_id> all;
+      for (seq_id id = 0; id < 42; ++id) {
+        cache.add_sequence(id);
+        append_random(cache, id, id == 0 ? 4096 : id == 1 ? 60000 : 200, rng);
+        all.push_back(id);
+      }
+      const auto q = random_floats(rng, all.size() * static_cast<std::size_t>(hq * d));
+      const auto first_row = [&](std::span<const seq_id> ids) {  // sequence 0's output, first in ids
+        std::vector<float> out(ids.size() * static_cast<std::size_t>(hq * d));
+        decode(cache, 0, ids, q.data(), out.data());
+        out.resize(static_cast<std::size_t>(hq * d));
+        return out;
+      };
+      const std::vector<float> alone = first_row(std::span(all).first(1));
+      const std::vector<seq_id> with_long{0, 1}, with_short{all.begin() + 2, all.end()};
+      std::vector<seq_id> short_batch{0};
+      short_batch.insert(short_batch.end(), with_short.begin(), with_short.end());
+      const std::string what = std::string(dtype_name(dtype)) + " group " + std::to_string(group);
+      EXPECT_EQ(0, std::memcmp(alone.data(), first_row(with_long).data(), alone.size() * sizeof(float))) << what << ", beside a long sequence";
+      EXPECT_EQ(0, std::memcmp(alone.data(), first_row(short_batch).data(), alone.size() * sizeof(float))) << what << ", among short ones";
+    }
+}
+
 TEST_P(PerIsa, Bf16ProductsWhereAllowedAndAvailable) {
   // fpmath_mode::bf16 with bf16 storage. Where the pair-product kernel runs (one query token per
   // sequence, AVX-512 with AVX512_BF16, groups 2, 4, 8, head dims a multiple of 32) the kernel
@@ -390,6 +424,15 @@ TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   for (isa i : {isa::scalar, isa::avx2, isa::avx512, isa::neon}) {
     if (cpu_supports(i)) continue;
     EXPECT_THROW(set_isa(i), config_error);
+    // Nor do the kernels' own entry points hand out its code (which would fault when run).
+    std::vector<float> x(64, 1.f), y(x.size());
+    const auto n = static_cast<std::int64_t>(x.size());
+    float sink = 0.f;
+    EXPECT_THROW(kernels::select_tile_kernel(kv_dtype::f16, 4, 128, i), config_error) << isa_name(i);
+    EXPECT_THROW(kernels::stream_sum(x.data(), n, i), config_error) << isa_name(i);
+    EXPECT_THROW(kernels::stream_fma(x.data(), n, 2, i), config_error) << isa_name(i);
+    EXPECT_THROW(kernels::exp2_array(x.data(), y.data(), n, i), config_error) << isa_name(i);
+    EXPECT_THROW(kernels::fma_peak_flops(1, sink, i), config_error) << isa_name(i);
   }
   EXPECT_THROW(parse_isa("sse9"), config_error);
   EXPECT_EQ(parse_isa("avx512"), isa::avx512);
@@ -557,18 +600,23 @@ TEST(AttentionErrors, BadInputsAreRejected) {
 }
 
 namespace {
-// The plan of a decode batch: one query token per sequence, every sequence `length` keys long.
-kernels::AttentionPlan decode_plan(int kv_heads, std::int64_t batch, std::int64_t length) {
+// The plan of a decode batch: one query token per sequence, of the given lengths.
+kernels::AttentionPlan decode_plan(int kv_heads, const std::vector<std::int64_t>& lengths) {
   kernels::AttentionProblem pb;
   pb.slot.kv_heads = kv_heads;
   pb.slot.head_dim = 128;
   pb.q_heads = kv_heads;
-  const std::vector<KvSequenceView> seqs(static_cast<std::size_t>(batch), KvSequenceView{nullptr, length});
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(batch) + 1);
+  std::vector<KvSequenceView> seqs;
+  for (std::int64_t length : lengths) seqs.push_back(KvSequenceView{nullptr, length});
+  std::vector<std::int64_t> offsets(lengths.size() + 1);
   for (std::size_t b = 0; b < offsets.size(); ++b) offsets[b] = static_cast<std::int64_t>(b);
   pb.seqs = seqs;
   pb.q_offsets = offsets;
   return kernels::plan_attention(pb);
+}
+// Every sequence `length` keys long.
+kernels::AttentionPlan decode_plan(int kv_heads, std::int64_t batch, std::int64_t length) {
+  return decode_plan(kv_heads, std::vector<std::int64_t>(static_cast<std::size_t>(batch), length));
 }
 }  // namespace
 
@@ -609,6 +657,31 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   plan = decode_plan(8, 16, 1024);
   EXPECT_EQ(plan.items.size(), 128u);
   EXPECT_TRUE(plan.merges.empty());
+}
+
+TEST(Plan, ASequenceIsSplitByItsOwnLengthWhateverTheBatch) {
+  // 2 KV heads x 4096 keys: chunks of 1024 (8192 / 64 keys is below the minimum chunk) alone,
+  // beside a 60000-key sequence (its own chunks 2048 keys; a chunk size for the whole batch would
+  // be 2048 for both), and among 40 short sequences (82 units: no split needed to fill threads).
+  const auto chunks_of_first = [](const kernels::AttentionPlan& plan) {
+    std::vector<std::pair<std::int64_t, std::int64_t>> chunks;
+    for (const auto& w : plan.items)
+      if (w.seq == 0) chunks.emplace_back(w.key_begin, w.key_end);
+    std::sort(chunks.begin(), chunks.end());
+    return chunks;
+  };
+  const auto alone = chunks_of_first(decode_plan(2, {4096}));
+  ASSERT_EQ(alone.size(), 8u);  // 2 heads x 4 chunks
+  for (const auto& [begin, end] : alone) EXPECT_EQ(end - begin, 1024);
+  const auto with_long = decode_plan(2, {4096, 60000});
+  EXPECT_EQ(chunks_of_first(with_long), alone);
+  for (const auto& w : with_long.items)
+    if (w.seq == 1) {
+      EXPECT_EQ(w.key_end - w.key_begin, w.key_begin < 58 * 1024 ? 2048 : 60000 - 29 * 2048);
+    }
+  std::vector<std::int64_t> lengths(41, 100);
+  lengths[0] = 4096;
+  EXPECT_EQ(chunks_of_first(decode_plan(2, lengths)), alone);
 }
 
 TEST(Plan, SplitItemsRunChunkByChunkAcrossHeadsAndNameTheirMerge) {

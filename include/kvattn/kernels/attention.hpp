@@ -36,13 +36,14 @@ struct AttentionProblem {
   bool causal = true;
 };
 
-/// Work split rules. They depend only on the data (lengths, chunk sizes), never on the thread count,
-/// so every thread count computes the same sums in the same order: bitwise-identical results.
+/// Work split rules. A sequence's split depends only on its own data (length, chunk sizes), never
+/// on the thread count or the rest of the batch, so it computes the same sums in the same order
+/// whatever runs it: bitwise-identical results.
 struct SplitRules {
   int query_tile_tokens = 16;          ///< query tokens per work item
   int split_max_query_tokens = 4;      ///< sequences with at most this many queries are split along keys
-  /// Split-K aims at about this many work items: enough to keep many threads busy, and no more,
-  /// since every chunk costs a start-up and a merge (Zen 4, MHA 32 heads d=128 T=4096 f16 decode,
+  /// Split-K aims at about this many work items per sequence: enough to keep many threads busy, and
+  /// no more, since every chunk costs a start-up and a merge (Zen 4, MHA 32 heads d=128 T=4096 f16 decode,
   /// 2 threads, medians of 7 A/B runs: 2.16 ms with 256 chunks of 512 keys, 1.90 ms with 64 of 2048).
   std::int64_t target_items = 64;
   /// Never smaller chunks than this: a chunk costs a start-up and a merge, ~1 us on 2 threads (Xeon
@@ -59,10 +60,10 @@ struct SplitRules {
   int min_split_items = 2;
   std::int64_t short_chunk_keys = 256;
 
-  /// Keys per split-K chunk when the batch's units that may be split (sequence x KV head, few
-  /// queries) attend to total_keys keys in all: one power of two for the whole batch, about
-  /// total / target_items, at least min_chunk_keys unless that leaves fewer than min_split_items
-  /// chunks (then at least short_chunk_keys). A function of the data only, never of the thread count.
+  /// Keys per split-K chunk of a sequence whose KV heads attend to total_keys keys in all (KV heads
+  /// x length): a power of two, about total / target_items, at least min_chunk_keys unless that
+  /// leaves fewer than min_split_items chunks (then at least short_chunk_keys). A function of the
+  /// sequence alone, never of the thread count or of the rest of the batch.
   std::int64_t chunk_keys(std::int64_t total_keys) const {
     const auto per = [&](std::int64_t items) {
       return static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(ceil_div(total_keys, items))));
@@ -128,20 +129,16 @@ inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules
   AttentionPlan plan;
   const int group = pb.q_heads / pb.slot.kv_heads;
   plan.group = group;
-  // Split only when the batch has fewer (sequence, KV head, query tile) units than target_items;
-  // the chunk comes from the keys of the units that may be split (few queries).
-  std::int64_t units = 0, total_keys = 0;
-  for (std::size_t b = 0; b < pb.seqs.size(); ++b) {
-    const std::int64_t n = pb.q_offsets[b + 1] - pb.q_offsets[b];
-    units += pb.slot.kv_heads * ceil_div(n, rules.query_tile_tokens);
-    if (n <= rules.split_max_query_tokens) total_keys += pb.slot.kv_heads * pb.seqs[b].length;
-  }
-  const bool few_units = units < rules.target_items;
-  const std::int64_t chunk_keys = rules.chunk_keys(total_keys);
+  // A sequence with few queries is split into chunks by its own length, whatever else the batch
+  // holds: its result is then the same alone or in any batch (batch invariance), and on any number
+  // of threads. Where the batch has enough units to keep the threads busy without splitting,
+  // claim_order hands each split unit to one thread as one kernel pass, which costs little more
+  // than an unsplit item.
   for (std::size_t b = 0; b < pb.seqs.size(); ++b) {
     const std::int64_t n = pb.q_offsets[b + 1] - pb.q_offsets[b];
     const std::int64_t length = pb.seqs[b].length;
-    const bool split = few_units && n <= rules.split_max_query_tokens && length > chunk_keys;
+    const std::int64_t chunk_keys = rules.chunk_keys(pb.slot.kv_heads * length);
+    const bool split = n <= rules.split_max_query_tokens && length > chunk_keys;
     for (int h = 0; h < pb.slot.kv_heads; ++h)
       for (std::int64_t t0 = 0; t0 < n; t0 += rules.query_tile_tokens) {
         const int nt = static_cast<int>(std::min<std::int64_t>(rules.query_tile_tokens, n - t0));

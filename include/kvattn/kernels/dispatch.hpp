@@ -149,10 +149,12 @@ detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int gr
 /// Picks the tile kernel for an ISA path (by default the active one) and the arithmetic allowed
 /// (fpmath_mode: bf16 products only for bf16 storage on the AVX-512 path of a CPU with AVX512_BF16).
 /// StaticGroup/StaticDim (from a static HeadLayout) compile just that shape here, unless the
-/// separately compiled table holds it; otherwise the runtime shape picks a table entry.
+/// separately compiled table holds it; otherwise the runtime shape picks a table entry. A path this
+/// CPU cannot run throws config_error here, as it does in the probes below, rather than fault later.
 template <int StaticGroup = dynamic, int StaticDim = dynamic>
 TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path = active_isa(),
                               fpmath_mode fpmath = fpmath_mode::strict) {
+  kvattn::detail::require_supported(path, "select_tile_kernel: ");
   const bool bf16_dot = dtype == kv_dtype::bf16 && path == isa::avx512 && fpmath == fpmath_mode::bf16 && cpu_supports_bf16_dot();
   return visit_dtype(dtype, [&](auto tag) -> TileKernel {
     constexpr kv_dtype T = decltype(tag)::value;
@@ -174,6 +176,7 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
 /// software prefetches (read_prefetch) or none (which read is fastest depends on the CPU and the
 /// hour).
 inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(), read_prefetch prefetch = read_prefetch::l1) {
+  kvattn::detail::require_supported(path, "stream_sum: ");
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
     case isa::avx512: return avx512::stream_sum(x, n, prefetch);
@@ -198,6 +201,7 @@ inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(),
 /// sum(x) up to rounding.
 inline float stream_fma(const float* x, std::int64_t n, int fmas, isa path = active_isa()) {
   if (fmas < 1 || fmas > 16) kvattn::detail::fail<config_error>("stream_fma: FMAs per vector must be in [1, 16], got ", fmas);
+  kvattn::detail::require_supported(path, "stream_fma: ");
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
     case isa::avx512: return avx512::stream_fma(x, n, fmas);
@@ -217,6 +221,7 @@ inline float stream_fma(const float* x, std::int64_t n, int fmas, isa path = act
 
 /// y = 2^x with the vectorized exp of a path (the scalar path uses std::exp2).
 inline void exp2_array(const float* x, float* y, std::int64_t n, isa path = active_isa()) {
+  kvattn::detail::require_supported(path, "exp2_array: ");
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
     case isa::avx512: return avx512::exp2_array(x, y, n);
@@ -233,6 +238,7 @@ inline void exp2_array(const float* x, float* y, std::int64_t n, isa path = acti
 /// Compute probe: iterations x (registers / 2) independent FMA vectors on the active path. Returns
 /// the FLOPs done (2 x lanes x chains x iterations); `sink` receives a value depending on the work.
 inline double fma_peak_flops(std::int64_t iterations, float& sink, isa path = active_isa()) {
+  kvattn::detail::require_supported(path, "fma_peak_flops: ");
   switch (path) {
 #if defined(KVATTN_ARCH_X86_64)
     case isa::avx512: sink = avx512::fma_peak_loop(iterations, sink); return 2.0 * 16 * avx512::fma_peak_chains * double(iterations);

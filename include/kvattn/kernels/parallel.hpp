@@ -53,7 +53,7 @@ inline void set_num_threads(int n) {
 /// The thread count a call with `requested` threads (0: the global default) will use.
 inline int resolve_threads(int requested) {
   int n = requested > 0 ? requested : detail::global_threads().load();
-  if (n <= 0) n = max_threads();
+  if (n <= 0) n = std::min(max_threads(), max_thread_count);  // OMP_NUM_THREADS may ask for more
 #if !defined(_OPENMP)
   n = 1;
 #endif
