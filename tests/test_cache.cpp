@@ -588,6 +588,43 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
       "blocks to add");
 }
 
+TEST(KvCacheErrors, ByteCountsCannotOverflow) {
+  // Blocks of 2^62 bytes from a resource that hands out address space it never touches (as an
+  // mmap reservation would): the byte counts, not the memory, reach 64 bits.
+  class ReservingResource : public std::pmr::memory_resource {
+    std::uintptr_t next_ = std::uintptr_t{1} << 20;
+    void* do_allocate(std::size_t, std::size_t) override { return reinterpret_cast<void*>(next_ += 4096); }
+    void do_deallocate(void*, std::size_t, std::size_t) override {}
+    bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+  } reserving;
+  const ModelConfig cfg(HeadShape(1, 1, 16), LayerSharingMap::none(1), kv_dtype::f16);  // 64 bytes per token
+  KvCache<ContiguousLayout> cache(cfg, ContiguousLayout{std::int64_t{1} << 56}, &reserving);
+  cache.add_sequence(1);
+  cache.extend(1, std::int64_t{1} << 56);  // 2^62 live bytes in one 2^62-byte block
+  const auto counters = [&] {
+    return std::tuple{cache.live_tokens(), cache.live_bytes(), cache.reserved_bytes(), cache.blocks_in_use(), cache.contains(2),
+                      cache.contains(3)};
+  };
+  const auto before = counters();
+  // A fork counts the 2^56 tokens again: 2^63 live bytes.
+  kvattn::testing::expect_error<overflow_error>([&] { cache.fork_sequence(1, 2); }, "live bytes");
+  EXPECT_EQ(counters(), before);
+  // A second sequence's block: 2^63 reserved bytes.
+  kvattn::testing::expect_error<pool_exhausted>([&] { cache.add_sequence(3); }, "64-bit");
+  EXPECT_EQ(counters(), before);
+  EXPECT_EQ(cache.live_bytes(), std::int64_t{1} << 62);
+  // An extend to 2^63 live bytes: five sequences (four forks) share a block 3/4 full, and the
+  // first then fills it (the block it would copy fits; the count does not).
+  KvCache<ContiguousLayout> forked(cfg, ContiguousLayout{std::int64_t{1} << 55}, &reserving);
+  forked.add_sequence(0);
+  forked.extend(0, (std::int64_t{1} << 55) - (std::int64_t{1} << 53));
+  for (seq_id f = 1; f < 5; ++f) forked.fork_sequence(0, f);
+  const auto forked_counters = [&] { return std::tuple{forked.live_tokens(), forked.reserved_bytes(), forked.blocks_in_use(), forked.length(0)}; };
+  const auto forked_before = forked_counters();
+  kvattn::testing::expect_error<overflow_error>([&] { forked.extend(0, std::int64_t{1} << 53); }, "live bytes");
+  EXPECT_EQ(forked_counters(), forked_before);
+}
+
 TEST(KvCacheErrors, InvalidLayouts) {
   EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{0}), config_error);
   EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16, 0}), config_error);

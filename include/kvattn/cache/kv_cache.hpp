@@ -116,10 +116,11 @@ class KvCache {
     const Sequence& s = find(src)->second;
     if (seqs_.contains(dst)) detail::fail<sequence_error>("fork: sequence ", dst, " already exists");
     check_room_for_sequence(detail::message("fork of sequence ", src, " into ", dst));
+    const std::int64_t live = checked_live_tokens(checked_add(live_tokens_, s.length, "live tokens"));
     Sequence copy = s;  // may throw: nothing changed yet
     seqs_.emplace(dst, std::move(copy));
     for (std::byte* b : s.blocks) ++refcount_.find(b)->second;
-    live_tokens_ += s.length;
+    live_tokens_ = live;
   }
 
   /// Shortens a sequence to new_length tokens, releasing blocks no longer needed.
@@ -193,6 +194,10 @@ class KvCache {
         needed, ids.size() == 1 ? detail::message("sequence ", ids[0]) : detail::message("a batch of ", ids.size(), " sequences"));
     const std::vector<std::byte*>& fresh = acquired.blocks;
     try {
+      // After the pool's checks, so that a size beyond any pool is reported as one.
+      std::int64_t live = live_tokens_;
+      for (const Plan& p : plans) live = checked_add(live, p.new_length - p.seq->length, "live tokens");
+      (void)checked_live_tokens(live);
       for (const Plan& p : plans) p.seq->blocks.reserve(static_cast<std::size_t>(p.new_length / layout_.block_tokens() + 1));
       if (record) {
         record->grown.reserve(plans.size());
@@ -579,7 +584,8 @@ class KvCache {
     if (layout_.max_blocks() != unlimited && n > layout_.max_blocks() - in_use)
       detail::fail<pool_exhausted>("KV block pool exhausted: ", for_what, " needs ", n, " more block(s), ",
                                    in_use, " of ", layout_.max_blocks(), " are in use");
-    if (std::int64_t bytes = 0; __builtin_mul_overflow(n, block_bytes_, &bytes))
+    // Held and new blocks together (so that reserved_bytes() cannot overflow either).
+    if (std::int64_t bytes = 0; __builtin_add_overflow(in_use + free_blocks(), n, &bytes) || __builtin_mul_overflow(bytes, block_bytes_, &bytes))
       detail::fail<pool_exhausted>(for_what, " needs ", n, " block(s) of ", block_bytes_, " bytes: more than 64-bit memory holds");
     std::vector<std::byte*> out;
     std::size_t from_free = 0, counted = 0;
@@ -604,6 +610,12 @@ class KvCache {
 
   /// Inside a catch block: rethrows the current exception, an allocation failure (std::bad_alloc,
   /// or std::length_error from a container asked for more than it can hold) as pool_exhausted.
+  /// `live` (a live-token count a call would leave), checked so that live_bytes() cannot overflow.
+  std::int64_t checked_live_tokens(std::int64_t live) const {
+    (void)checked_mul(live, bytes_per_token(), "live bytes");
+    return live;
+  }
+
   [[noreturn]] void rethrow_out_of_memory(std::int64_t n, const std::string& for_what) const {
     try {
       throw;
