@@ -585,7 +585,8 @@ class KvCache {
       detail::fail<pool_exhausted>("KV block pool exhausted: ", for_what, " needs ", n, " more block(s), ",
                                    in_use, " of ", layout_.max_blocks(), " are in use");
     // Held and new blocks together (so that reserved_bytes() cannot overflow either).
-    if (std::int64_t bytes = 0; __builtin_add_overflow(in_use + free_blocks(), n, &bytes) || __builtin_mul_overflow(bytes, block_bytes_, &bytes))
+    if (std::int64_t bytes = 0;
+        __builtin_add_overflow(in_use + free_blocks(), n, &bytes) || __builtin_mul_overflow(bytes, block_bytes_, &bytes))
       detail::fail<pool_exhausted>(for_what, " needs ", n, " block(s) of ", block_bytes_, " bytes: more than 64-bit memory holds");
     std::vector<std::byte*> out;
     std::size_t from_free = 0, counted = 0;
@@ -608,14 +609,14 @@ class KvCache {
     return {std::move(out), from_free};
   }
 
-  /// Inside a catch block: rethrows the current exception, an allocation failure (std::bad_alloc,
-  /// or std::length_error from a container asked for more than it can hold) as pool_exhausted.
   /// `live` (a live-token count a call would leave), checked so that live_bytes() cannot overflow.
   std::int64_t checked_live_tokens(std::int64_t live) const {
     (void)checked_mul(live, bytes_per_token(), "live bytes");
     return live;
   }
 
+  /// Inside a catch block: rethrows the current exception, an allocation failure (std::bad_alloc,
+  /// or std::length_error from a container asked for more than it can hold) as pool_exhausted.
   [[noreturn]] void rethrow_out_of_memory(std::int64_t n, const std::string& for_what) const {
     try {
       throw;

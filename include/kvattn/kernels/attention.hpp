@@ -42,9 +42,10 @@ struct AttentionProblem {
 struct SplitRules {
   int query_tile_tokens = 16;          ///< query tokens per work item
   int split_max_query_tokens = 4;      ///< sequences with at most this many queries are split along keys
-  /// Split-K aims at about this many work items per sequence: enough to keep many threads busy, and
-  /// no more, since every chunk costs a start-up and a merge (Zen 4, MHA 32 heads d=128 T=4096 f16 decode,
-  /// 2 threads, medians of 7 A/B runs: 2.16 ms with 256 chunks of 512 keys, 1.90 ms with 64 of 2048).
+  /// Split-K aims at about this many work items per sequence: enough to keep many threads busy,
+  /// and no more, since every chunk costs a start-up and a merge (Zen 4, MHA 32 heads d=128 T=4096
+  /// f16 decode, 2 threads, medians of 7 A/B runs: 2.16 ms with 256 chunks of 512 keys, 1.90 ms
+  /// with 64 of 2048).
   std::int64_t target_items = 64;
   /// Never smaller chunks than this: a chunk costs a start-up and a merge, ~1 us on 2 threads (Xeon
   /// model 207, f16, medians of 5 interleaved runs, 512 -> 1024 keys: GQA 32/8 T=4096 decode 483 ->
