@@ -436,6 +436,8 @@ TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {
   }
   EXPECT_THROW(parse_isa("sse9"), config_error);
   EXPECT_EQ(parse_isa("avx512"), isa::avx512);
+  EXPECT_EQ(parse_isa("AVX2"), isa::avx2);  // as people write it
+  EXPECT_EQ(parse_isa("Scalar"), isa::scalar);
   try {
     set_isa(static_cast<isa>(7));
     ADD_FAILURE() << "an invalid path value was accepted";

@@ -488,7 +488,7 @@ class KvCache {
     void add(const KvCache& cache, const Sequence& s, std::int64_t first, std::int64_t last) {
       for (std::int64_t i = first; i < last; ++i) {
         std::byte* block = s.blocks[static_cast<std::size_t>(i)];
-        const std::int32_t refs = cache.refcount_.find(block)->second;
+        const std::int64_t refs = cache.refcount_.find(block)->second;
         if (refs < 2) continue;
         Writers& w = blocks_.try_emplace(block, Writers{refs}).first->second;
         ++w.count;
@@ -514,8 +514,8 @@ class KvCache {
 
    private:
     struct Writers {
-      std::int32_t refs;       // references when planned
-      std::int32_t count = 0;  // sequences of the batch writing it
+      std::int64_t refs;       // references when planned
+      std::int64_t count = 0;  // sequences of the batch writing it
       const Sequence* keeper = nullptr;  // the longest writer (lengths do not change while planning)
       bool all_write() const { return count == refs; }
       bool kept_by(const Sequence& s) const { return all_write() && keeper == &s; }
@@ -693,7 +693,7 @@ class KvCache {
   std::pmr::memory_resource* resource_;
   std::int64_t block_bytes_ = 0;
   std::unordered_map<seq_id, Sequence> seqs_;
-  std::unordered_map<std::byte*, std::int32_t> refcount_;
+  std::unordered_map<std::byte*, std::int64_t> refcount_;  // 64 bits: no count of forks overflows it
   std::vector<std::byte*> free_;
   std::int64_t live_tokens_ = 0;
 

@@ -3,6 +3,7 @@
 // flags still runs the AVX-512 path on an AVX-512 machine.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -93,10 +94,12 @@ inline std::vector<isa> supported_isas() {
   return out;
 }
 
-/// Parses "scalar", "avx2", "avx512" or "neon"; an error message starts with `origin`.
+/// Parses "scalar", "avx2", "avx512" or "neon", in any case ("AVX2" too); an error message starts
+/// with `origin`.
 inline isa parse_isa(std::string_view name, std::string_view origin = {}) {
+  const auto lower = [](char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c; };
   for (isa i : {isa::scalar, isa::avx2, isa::avx512, isa::neon})
-    if (name == isa_name(i)) return i;
+    if (std::ranges::equal(name, isa_name(i), {}, lower)) return i;
   detail::fail<config_error>(origin, "unknown ISA path '", name, "' (expected scalar, avx2, avx512 or neon)");
 }
 
