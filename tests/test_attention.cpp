@@ -38,13 +38,14 @@ struct Case {
   mode m;
   float q_scale = 1.f;            // scales q, to reach extreme logits
   float scale = 0.f;              // AttentionOptions::scale (0: 1/sqrt(d))
+  std::int64_t run_keys = 0;      // SplitRules::run_keys (0: the default), small to reach runs and short chunks
 
   std::string describe() const {
     std::ostringstream s;
     s << (m == mode::decode ? "decode" : m == mode::prefill ? "prefill" : "cross") << " Hq=" << hq << " Hkv=" << hkv
       << " d=" << d << " " << dtype_name(dtype) << " threads=" << threads << (paged ? " paged/" : " contiguous/")
       << block << " layer " << layer << " of cla(" << layers << "," << factor << ") q_scale=" << q_scale << " scale=" << scale
-      << " prefix,chunk=";
+      << " run_keys=" << run_keys << " prefix,chunk=";
     for (std::size_t b = 0; b < prefix.size(); ++b) s << " " << prefix[b] << "+" << chunk[b];
     return s.str();
   }
@@ -67,6 +68,7 @@ Case random_case(std::mt19937_64& rng, mode m) {
   c.factor = 1 + static_cast<int>(rng() % c.layers);
   c.layer = static_cast<int>(rng() % c.layers);
   if (rng() % 4 == 0) c.scale = 0.02f + 0.5f * static_cast<float>(rng() % 1000) / 1000.f;
+  if (rng() % 3 == 0) c.run_keys = pick({16, 40, 100});  // runs and chunks that cut key tiles and blocks
   const int batch = 1 + static_cast<int>(rng() % 4);
   for (int b = 0; b < batch; ++b) {
     std::int64_t len = rng() % 4 == 0 ? 0 : 1 + static_cast<std::int64_t>(rng() % 150);
@@ -104,12 +106,19 @@ double run_case(const Case& c, L layout, std::uint64_t seed, std::vector<float>*
   opt.threads = c.threads;
   opt.min_pairs_per_thread = 0;  // the threads asked for run, however small the case
   opt.scale = c.scale;
-  if (c.m == mode::decode)
+  if (c.run_keys > 0) {  // the public calls' body, with a small SplitRules::run_keys
+    kernels::SplitRules rules;
+    rules.run_keys = c.run_keys;
+    const std::vector<std::int64_t> ones(ids.size(), 1);
+    detail::attend<HeadShape>(cache, c.layer, ids, c.m == mode::decode ? ones : c.chunk, q.data(), out.data(), opt,
+                              c.m != mode::cross, "test", rules);
+  } else if (c.m == mode::decode) {
     decode(cache, c.layer, ids, q.data(), out.data(), opt);
-  else if (c.m == mode::prefill)
+  } else if (c.m == mode::prefill) {
     prefill(cache, c.layer, ids, c.chunk, q.data(), out.data(), opt);
-  else
+  } else {
     cross_attention(cache, c.layer, ids, c.chunk, q.data(), out.data(), opt);
+  }
   double err = 0;
   std::int64_t offset = 0;
   for (std::size_t b = 0; b < ids.size(); ++b) {
@@ -180,6 +189,33 @@ TEST_P(PerIsa, LongContext) {
     c.layers = 1, c.factor = 1, c.layer = 0, c.m = mode::decode;
     c.prefix = {40000, 3}, c.chunk = {1, 1};
     EXPECT_LE(run_case(c, 31), 1.0) << c.describe();
+  }
+}
+
+TEST_P(PerIsa, ManyTokensOverManyKeysKeepF32SumsShort) {
+  // 17 query tokens over 262144 keys, nearly uniform weights (K in [-0.1, 0.1], d=16) and V in
+  // [0.9, 1]: one running f32 sum over all keys erred by 3.3x the tolerance; runs of
+  // SplitRules::run_keys keys, merged, stay within it.
+  const int d = 16;
+  const std::int64_t len = 262144, n = 17;
+  const ModelConfig cfg(HeadShape(1, 1, d), LayerSharingMap::none(1), kv_dtype::f32);
+  KvCache<ContiguousLayout> cache(cfg, ContiguousLayout{len});
+  cache.add_sequence(1);
+  std::mt19937_64 rng(41);
+  const auto k = random_floats(rng, len * d, -0.1f, 0.1f), v = random_floats(rng, len * d, 0.9f, 1.f);
+  cache.append(1, len, k.data(), v.data());
+  const auto q = random_floats(rng, n * d);
+  std::vector<float> out(q.size(), std::nanf(""));
+  const seq_id ids[] = {1};
+  const std::int64_t counts[] = {n};
+  AttentionOptions opt;
+  opt.threads = 2;
+  for (bool causal : {true, false}) {
+    if (causal)
+      prefill(cache, 0, ids, counts, q.data(), out.data(), opt);
+    else
+      cross_attention(cache, 0, ids, counts, q.data(), out.data(), opt);
+    EXPECT_LE(max_error_ratio(out.data(), reference_attention(cache, 0, 1, q.data(), n, causal)), 1.0) << (causal ? "prefill" : "cross");
   }
 }
 
@@ -631,6 +667,11 @@ TEST(Plan, SplitKAimsAtTargetItemsWithPowerOfTwoChunks) {
   // 8 heads x 32768 keys: chunks of 4096.
   plan = decode_plan(8, 1, 32768);
   EXPECT_EQ(plan.items.size(), 64u);
+  // 32 heads x 65536 keys: 2M / 64 = 32768 keys is more than one f32 run (run_keys, 8192): chunks
+  // of 8192 -> 256 items.
+  plan = decode_plan(32, 1, 65536);
+  EXPECT_EQ(plan.items.size(), 256u);
+  for (const auto& w : plan.items) EXPECT_EQ(w.key_end - w.key_begin, 8192);
   // One head x 4096 keys: 4096 / 64 = 64 keys is below the minimum chunk (1024): 4 items.
   plan = decode_plan(1, 1, 4096);
   EXPECT_EQ(plan.items.size(), 4u);

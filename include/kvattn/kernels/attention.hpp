@@ -60,17 +60,23 @@ struct SplitRules {
   /// 2 chunks against one item, 0.571x on 2 threads, 1.032x on one.
   int min_split_items = 2;
   std::int64_t short_chunk_keys = 256;
+  /// No running softmax sum or output accumulates more keys than this in f32: longer key ranges are
+  /// computed in runs of this many keys, each starting afresh, merged in key order (split-K chunks
+  /// are never longer; run_attention cuts the unsplit items of many-token chunks). One running sum
+  /// over all keys lost accuracy with length: a 5-token chunk over 2M keys (d=16, nearly uniform
+  /// weights, V in [0.9, 1]) erred by 2.9e-3, 282x the f32 error model of tests/reference.hpp.
+  std::int64_t run_keys = 8192;
 
   /// Keys per split-K chunk of a sequence whose KV heads attend to total_keys keys in all (KV heads
   /// x length): a power of two, about total / target_items, at least min_chunk_keys unless that
-  /// leaves fewer than min_split_items chunks (then at least short_chunk_keys). A function of the
+  /// leaves fewer than min_split_items chunks (then at least short_chunk_keys), at most run_keys. A function of the
   /// sequence alone, never of the thread count or of the rest of the batch.
   std::int64_t chunk_keys(std::int64_t total_keys) const {
     const auto per = [&](std::int64_t items) {
       return static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(ceil_div(total_keys, items))));
     };
     const std::int64_t least = std::clamp(per(min_split_items), short_chunk_keys, min_chunk_keys);
-    return std::max(least, per(target_items));
+    return std::min(run_keys, std::max(least, per(target_items)));
   }
 };
 
@@ -99,6 +105,7 @@ struct AttentionPlan {
   std::int64_t partials = 0;  ///< partial results (each rows_per_item rows)
   int max_rows = 0;           ///< query rows of the largest item
   int group = 1;              ///< query rows per token of an item (Hq / Hkv)
+  std::int64_t run_keys = SplitRules{}.run_keys;  ///< unsplit items longer than this run in runs of this many keys
 };
 
 /// How many of the threads a call asks for it starts: a thread costs a start-up and each work item
@@ -130,6 +137,7 @@ inline AttentionPlan plan_attention(const AttentionProblem& pb, const SplitRules
   AttentionPlan plan;
   const int group = pb.q_heads / pb.slot.kv_heads;
   plan.group = group;
+  plan.run_keys = rules.run_keys;
   // A sequence with few queries is split into chunks by its own length, whatever else the batch
   // holds: its result is then the same alone or in any batch (batch invariance), and on any number
   // of threads. Where the batch has enough units to keep the threads busy without splitting,
@@ -253,8 +261,9 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
   const int d = pb.slot.head_dim;
   const int group = plan.group;
   const std::int64_t rows = plan.max_rows;
-  // Per-thread scratch: tile scratch plus the item's outputs, in whole 64-byte lines.
-  const std::int64_t per_thread = (tile_scratch_floats(plan.max_rows, d) + rows * d + 15) / 16 * 16;
+  // Per-thread scratch: tile scratch plus the item's outputs and one run's (run_in_runs), in whole
+  // 64-byte lines.
+  const std::int64_t per_thread = (tile_scratch_floats(plan.max_rows, d) + 2 * rows * d + 15) / 16 * 16;
   const int threads = rules.threads_for(plan, asked_threads);
   // All memory comes from here, the calling thread's reused buffers; the loops below only index into it.
   // Each thread's and each split item's states and partial outputs start on a 64-byte line of their
@@ -268,9 +277,10 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
   float* const floats = reused_buffer<float>(static_cast<std::size_t>(scratch_floats + plan.partials * acc_stride));
   float* const scratch = floats + (16 - reinterpret_cast<std::uintptr_t>(floats) / 4 % 16) % 16;  // 64-byte aligned
   float* const partial_acc = scratch + per_thread * threads;
-  SoftmaxState* const states = reused_buffer<SoftmaxState>(static_cast<std::size_t>(state_stride * (threads + plan.partials) + 8));
+  // Per thread: the item's states, then one run's.
+  SoftmaxState* const states = reused_buffer<SoftmaxState>(static_cast<std::size_t>(state_stride * (2 * threads + plan.partials) + 8));
   SoftmaxState* const thread_states = states + (8 - reinterpret_cast<std::uintptr_t>(states) / 8 % 8) % 8;
-  SoftmaxState* const partial_states = thread_states + state_stride * threads;
+  SoftmaxState* const partial_states = thread_states + 2 * state_stride * threads;
 
   auto out_row = [&](std::int64_t seq, int h, std::int64_t token, int g) {
     return pb.out + (pb.q_offsets[static_cast<std::size_t>(seq)] + token) * pb.out_stride + (std::int64_t{h} * group + g) * d;
@@ -325,6 +335,33 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     }
     kernel.run(tile, scratch + per_thread * thread);
   };
+  // An item longer than plan.run_keys (only unsplit ones are: chunks never are) in runs of that many
+  // keys, the first into the tile's own outputs, each later one into the thread's run outputs and
+  // merged in, in key order: no f32 running sum spans more keys than a run.
+  auto run_in_runs = [&](AttendTile& tile, std::int64_t next, int thread) {
+    const std::int64_t end = tile.keys_end(), run_keys = plan.run_keys;
+    SoftmaxState* const run_states = thread_states + state_stride * (2 * thread + 1);
+    float* const run_acc = scratch + per_thread * thread + tile_scratch_floats(plan.max_rows, d) + rows * d;
+    for (std::int64_t k0 = tile.key_begin; k0 < end; k0 += run_keys) {
+      AttendTile run = tile, following;
+      run.key_begin = k0;
+      run.key_end = std::min(end, k0 + run_keys);
+      const bool first = k0 == tile.key_begin;
+      if (!first) run.states = run_states, run.acc = run_acc;
+      if (run.key_end < end) {
+        following = run;
+        following.key_begin = run.key_end;
+        following.key_end = std::min(end, run.key_end + run_keys);
+        run.next = &following;
+        kernel.run(run, scratch + per_thread * thread);
+      } else {
+        run_kernel(run, next, thread);
+      }
+      if (first) continue;
+      for (int r = 0; r < tile.n_tokens * group; ++r)
+        tile.states[r].merge(tile.acc + std::int64_t{r} * d, run_states[r], run_acc + std::int64_t{r} * d, d);
+    }
+  };
   auto run_item = [&](std::int64_t idx, std::int64_t next, int thread) {
     const WorkItem& w = plan.items[static_cast<std::size_t>(idx)];
     AttendTile tile = item_tile(idx);
@@ -337,9 +374,12 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
       if (std::atomic_ref<int>(chunks_done[w.merge]).fetch_add(1, std::memory_order_acq_rel) + 1 == m.chunks) merge_partials(m);
       return;
     }
-    tile.states = thread_states + state_stride * thread;
+    tile.states = thread_states + state_stride * 2 * thread;
     tile.acc = scratch + per_thread * thread + tile_scratch_floats(plan.max_rows, d);
-    run_kernel(tile, next, thread);
+    if (tile.keys_end() - tile.key_begin > plan.run_keys)
+      run_in_runs(tile, next, thread);
+    else
+      run_kernel(tile, next, thread);
     for (int r = 0; r < w.n_tokens * group; ++r)
       tile.states[r].finalize(tile.acc + std::int64_t{r} * d, out_row(w.seq, w.kv_head, w.token0 + r / group, r % group), d);
   };

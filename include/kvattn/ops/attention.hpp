@@ -47,10 +47,12 @@ inline TokenStrides check_options(const AttentionOptions& opt, std::int64_t row,
 }
 
 /// Validates a batch against the cache and runs it. counts[b] query tokens per sequence; with
-/// `causal` they are the sequence's last counts[b] tokens.
+/// `causal` they are the sequence's last counts[b] tokens. `rules`: the work split (tests shrink it
+/// to reach split-K chunks and runs with few keys).
 template <class Heads, KvLayoutPolicy L>
 void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, std::span<const std::int64_t> counts,
-            const float* q, float* out, const AttentionOptions& opt, bool causal, const char* what) {
+            const float* q, float* out, const AttentionOptions& opt, bool causal, const char* what,
+            const kernels::SplitRules& rules = {}) {
   const Heads heads(cache.config().heads());  // throws if a static layout disagrees with the cache
   const int hq = heads.q_heads(), d = heads.head_dim();
   const KvSlotView slot = cache.slot_view(layer);  // throws on a bad layer
@@ -88,7 +90,7 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   pb.out_stride = strides.out;
   pb.scale = opt.scale == 0.f ? 1.f / std::sqrt(static_cast<float>(d)) : opt.scale;
   pb.causal = causal;
-  const kernels::AttentionPlan plan = kernels::plan_attention(pb);
+  const kernels::AttentionPlan plan = kernels::plan_attention(pb, rules);
   // bf16 products only in calls of one query token per sequence (decode steps, one-token cross-
   // attention), so that a call's rows never mix the two arithmetics (a chunk's tiles differ in rows).
   const bool one_token = std::all_of(counts.begin(), counts.end(), [](std::int64_t n) { return n == 1; });
