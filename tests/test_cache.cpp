@@ -15,6 +15,7 @@
 
 using namespace kvattn;
 using kvattn::testing::append_random;
+using kvattn::testing::expect_error;
 using kvattn::testing::snapshot;
 
 namespace {
@@ -625,10 +626,24 @@ TEST(KvCacheErrors, ByteCountsCannotOverflow) {
   EXPECT_EQ(forked_counters(), forked_before);
 }
 
+namespace {
+/// A layout whose every sequence reserves more blocks on add than its pool has.
+struct ReservesTooMuch : PagedLayout {
+  static constexpr std::string_view name = "reserves-too-much";
+  std::int64_t blocks_on_add() const { return 4; }
+};
+}  // namespace
+
 TEST(KvCacheErrors, InvalidLayouts) {
-  EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{0}), config_error);
-  EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16, 0}), config_error);
-  EXPECT_THROW(KvCache<ContiguousLayout>(small_config(), ContiguousLayout{0}), config_error);
+  expect_error<config_error>([] { KvCache<PagedLayout>(small_config(), PagedLayout{0}); }, "PagedLayout::block_size) must be >= 1, got 0");
+  expect_error<config_error>([] { KvCache<PagedLayout>(small_config(), PagedLayout{16, 0}); }, "PagedLayout::pool_blocks) is 0");
+  expect_error<config_error>([] { KvCache<PagedLayout>(small_config(), PagedLayout{16, 8, 0}); }, "max_sequence_blocks) is 0");
+  expect_error<config_error>([] { KvCache<ContiguousLayout>(small_config(), ContiguousLayout{0}); }, "ContiguousLayout::max_tokens");
+  expect_error<config_error>([] { KvCache<ContiguousLayout>(small_config(), ContiguousLayout{.max_sequences = 0}); },
+                             "ContiguousLayout::max_sequences, PagedLayout::pool_blocks) is 0");
+  // A policy whose every sequence takes more blocks on add than the pool has: no sequence fits.
+  expect_error<config_error>([] { KvCache<ReservesTooMuch>(small_config(), ReservesTooMuch{{16, 3}}); },
+                             "reserves-too-much layout: max_blocks() (ContiguousLayout::max_sequences, PagedLayout::pool_blocks) is 3");
   EXPECT_THROW(KvCache<PagedLayout>(small_config(), PagedLayout{16}, nullptr), config_error);
   // Block bytes that overflow 64 bits.
   EXPECT_THROW(KvCache<ContiguousLayout>(small_config(), ContiguousLayout{std::int64_t{1} << 60}), overflow_error);

@@ -61,12 +61,17 @@ struct PagedLayout {
 namespace detail {
 template <KvLayoutPolicy L>
 void validate_layout(const L& l) {
-  if (l.block_tokens() < 1) fail<config_error>(L::name, " layout: block tokens must be >= 1, got ", l.block_tokens());
-  if (l.blocks_on_add() < 0) fail<config_error>(L::name, " layout: blocks on add must be >= 0, got ", l.blocks_on_add());
+  // Named by the policy's functions and the built-in layouts' fields behind them.
+  if (l.block_tokens() < 1)
+    fail<config_error>(L::name, " layout: block_tokens() (ContiguousLayout::max_tokens, PagedLayout::block_size) must be >= 1, got ",
+                       l.block_tokens());
+  if (l.blocks_on_add() < 0) fail<config_error>(L::name, " layout: blocks_on_add() must be >= 0, got ", l.blocks_on_add());
   if (l.max_blocks_per_sequence() < 1 || l.max_blocks_per_sequence() < l.blocks_on_add())
-    fail<config_error>(L::name, " layout: max blocks per sequence (", l.max_blocks_per_sequence(),
-                       ") must be >= 1 and >= blocks on add (", l.blocks_on_add(), ")");
-  if (l.max_blocks() < 1) fail<config_error>(L::name, " layout: max blocks must be >= 1, got ", l.max_blocks());
+    fail<config_error>(L::name, " layout: max_blocks_per_sequence() (PagedLayout::max_sequence_blocks) is ",
+                       l.max_blocks_per_sequence(), ": must be >= 1 and >= blocks_on_add() (", l.blocks_on_add(), ")");
+  if (l.max_blocks() < 1 || l.max_blocks() < l.blocks_on_add())
+    fail<config_error>(L::name, " layout: max_blocks() (ContiguousLayout::max_sequences, PagedLayout::pool_blocks) is ",
+                       l.max_blocks(), ": must be >= 1 and >= blocks_on_add() (", l.blocks_on_add(), "), or no sequence fits");
 }
 }  // namespace detail
 
