@@ -188,7 +188,9 @@ void attend_tile_portable(const AttendTile& t, float* scratch) {
     for (int r = 0; r < rows; ++r) {
       const float* pr = p + std::int64_t{r} * key_tile;
       float* ar = t.acc + std::int64_t{r} * d;
-      for (int j = 0; j < n; ++j) {
+      // Only the keys the row sees: a masked key's probability is 0, but 0 x a non-finite V is NaN.
+      const int visible = t.visible_keys(r / group, k0, n);
+      for (int j = 0; j < visible; ++j) {
         const float w = pr[j];
         const float* vj = vt + j * d;
         for (int c = 0; c < d; ++c) ar[c] += w * vj[c];

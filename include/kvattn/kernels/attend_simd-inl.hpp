@@ -399,13 +399,19 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
     }
     if (lim[rows - 1] == 0.f) continue;  // the last row sees the most: no row saw a key
     t.load(t, k0, n, true, vb, dp, vr);
-    // Rows in blocks sharing each V vector; a masked key's probability is 0, so a block runs to
-    // the keys its last row sees (rows are in token order, later tokens see more).
+    // Rows in blocks sharing each V vector, over the keys they see. A block whose rows see
+    // different keys (a causal chunk's diagonal) goes row by row: a masked key's probability is 0,
+    // but 0 x a non-finite V is NaN, which must not reach rows that do not see it.
     constexpr int RB = pv_block_rows;
     const int prs = by_rows ? 1 : KT, pks = by_rows ? rp : 1;
     int r = 0;
-    for (; r + RB <= rows; r += RB)
-      pv_rows<RB, SD>(o + r * dp, dp, p + r * prs, prs, pks, alpha + r, vr, static_cast<int>(lim[r + RB - 1]));
+    for (; r + RB <= rows; r += RB) {
+      if (lim[r] == lim[r + RB - 1]) {
+        pv_rows<RB, SD>(o + r * dp, dp, p + r * prs, prs, pks, alpha + r, vr, static_cast<int>(lim[r]));
+      } else {
+        for (int b = r; b < r + RB; ++b) pv_rows<1, SD>(o + b * dp, dp, p + b * prs, prs, pks, alpha + b, vr, static_cast<int>(lim[b]));
+      }
+    }
     for (; r < rows; ++r) pv_rows<1, SD>(o + r * dp, dp, p + r * prs, prs, pks, alpha + r, vr, static_cast<int>(lim[r]));
   }
   finish_rows(t, rows, mrow, lrow, o, dp, d);
@@ -856,6 +862,45 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_result(vec m, vec l, const float*
   }
 }
 
+/// Whether the V rows of the keys kr[0 .. n) (K rows moved by v_bytes) hold only finite values.
+template <class T>
+KVATTN_ALWAYS_INLINE bool v_rows_finite(const T* const* kr, int n, std::ptrdiff_t v_bytes, int d) {
+  using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint16_t>;
+  // All exponent bits set: inf or NaN.
+  constexpr Bits exponent = std::is_same_v<T, float> ? 0x7f800000u : std::is_same_v<T, Eigen::half> ? 0x7c00u : 0x7f80u;
+  Bits non_finite = 0;
+  for (int j = 0; j < n; ++j) {
+    const T* v = byte_offset(kr[j], v_bytes);
+    for (int c = 0; c < d; ++c) non_finite |= static_cast<Bits>((std::bit_cast<Bits>(v[c]) & exponent) == exponent);
+  }
+  return non_finite == 0;
+}
+
+/// direct_pv for a tile whose rows see different keys (row r: token r / group, which sees
+/// t.visible_keys of the n keys from k0), each row over its own keys only, one value at a time:
+/// the path for a causal chunk's diagonal tile with a non-finite V row, which the plain passes would
+/// spread as 0 x inf = NaN to rows that do not see it. o in the order direct_pv keeps it (Paired:
+/// whole blocks of 2L dims as even dims, then odd ones).
+template <int R, bool Paired, class T>
+KVATTN_TARGET void direct_pv_visible(float* o, int d, const float* alpha, const float* p, const T* const* kr, std::ptrdiff_t v_bytes,
+                                     const AttendTile& t, std::int64_t k0, int n) {
+  constexpr int KB = L / R;
+  const auto dim_of = [&](int x) {
+    const int c0 = x / (2 * L) * (2 * L), i = x - c0;
+    return !Paired || c0 + 2 * L > d ? x : c0 + (i < L ? 2 * i : 2 * (i - L) + 1);
+  };
+  for (int r = 0; r < R; ++r) {
+    float* row = o + r * d;
+    for (int x = 0; x < d; ++x) row[x] *= alpha[r * KB];
+    const int visible = t.visible_keys(r / t.group, k0, n);
+    for (int j = 0; j < visible; ++j) {
+      const float pj = p[j / KB * L + r * KB + j % KB];
+      const T* v = byte_offset(kr[j], v_bytes);
+      for (int x = 0; x < d; ++x) row[x] += pj * static_cast<float>(v[dim_of(x)]);
+    }
+  }
+}
+
 /// Direct kernel for 1, 2, 4 or (AVX-512) 8 and 16 query rows (decode with those group sizes): K
 /// and V rows are converted in registers straight from the cache and each converted vector serves
 /// every row, so nothing is stored and reloaded (but 16 rows' 16-bit K, see direct_qk_lanes). R
@@ -1030,7 +1075,14 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
         direct_scores<R, SD, T>(qs, d, ring[(i + 1) % 3], rows_ahead_of[(i + 1) & 1], tile_keys(i + 1), kb, scores[(i + 1) & 1]);
       }
     }
-    direct_pv<R, SD, T, dot>(o, d, alpha, p, pb, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
+    // A causal chunk's diagonal tile (its first token sees fewer of the keys than the last) whose
+    // hidden keys hold a non-finite V value: each row over its own keys (bf16 pair products run in
+    // one-token calls only, which have no such tile).
+    const int first_limit = t.visible_keys(0, k0, n);
+    if (!dot && first_limit < n && !v_rows_finite(ring[i % 3] + first_limit, n - first_limit, v_bytes, d))
+      direct_pv_visible<R, o_paired>(o, d, alpha, p, ring[i % 3], v_bytes, t, k0, n);
+    else
+      direct_pv<R, SD, T, dot>(o, d, alpha, p, pb, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
   }
   direct_result<R, dot, o_paired>(m, l, o, d, t.states + chunk * t.chunk_states, t.acc + chunk * t.chunk_acc);
 }

@@ -5,8 +5,10 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "kvattn/kernels/attend_portable.hpp"
 #include "kvattn/simd/vec.hpp"
