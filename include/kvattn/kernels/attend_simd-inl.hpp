@@ -866,14 +866,16 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_result(vec m, vec l, const float*
 template <class T>
 KVATTN_ALWAYS_INLINE bool v_rows_finite(const T* const* kr, int n, std::ptrdiff_t v_bytes, int d) {
   using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint16_t>;
-  // All exponent bits set: inf or NaN.
+  // A value is inf or NaN when its magnitude bits reach all-ones exponent bits: one max-reduction
+  // per row (vectorized: the rows of a diagonal tile are scanned before every P·V of it).
   constexpr Bits exponent = std::is_same_v<T, float> ? 0x7f800000u : std::is_same_v<T, Eigen::half> ? 0x7c00u : 0x7f80u;
-  Bits non_finite = 0;
+  constexpr Bits magnitude = static_cast<Bits>(~(Bits{1} << (8 * sizeof(T) - 1)));
+  Bits largest = 0;
   for (int j = 0; j < n; ++j) {
     const T* v = byte_offset(kr[j], v_bytes);
-    for (int c = 0; c < d; ++c) non_finite |= static_cast<Bits>((std::bit_cast<Bits>(v[c]) & exponent) == exponent);
+    for (int c = 0; c < d; ++c) largest = std::max<Bits>(largest, std::bit_cast<Bits>(v[c]) & magnitude);
   }
-  return non_finite == 0;
+  return largest < exponent;
 }
 
 /// direct_pv for a tile whose rows see different keys (row r: token r / group, which sees
