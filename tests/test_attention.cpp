@@ -194,7 +194,7 @@ TEST_P(PerIsa, LongContext) {
 
 TEST_P(PerIsa, ManyTokensOverManyKeysKeepF32SumsShort) {
   // 17 query tokens over 262144 keys, nearly uniform weights (K in [-0.1, 0.1], d=16) and V in
-  // [0.9, 1]: one running f32 sum over all keys erred by 3.3x the tolerance; runs of
+  // [0.9, 1]: one running f32 sum over all keys erred by 2.1x the tolerance; runs of
   // SplitRules::run_keys keys, merged, stay within it.
   const int d = 16;
   const std::int64_t len = 262144, n = 17;
@@ -229,31 +229,31 @@ TEST_P(PerIsa, ANonFiniteKOrVRowReachesOnlyTheRowsThatSeeIt) {
     for (const auto& [hq, hkv] : std::initializer_list<std::pair<int, int>>{{1, 1}, {2, 1}, {4, 1}, {8, 1}, {16, 1}, {3, 1}, {32, 1}, {8, 2}})
       for (const std::int64_t n : {2, 4, 20})
         for (const int d : {64, 80}) {  // 80: a last vector outside the 2L-dim pairs of bf16 rows
-        const std::int64_t len = 5 + n;
-        const ModelConfig cfg(HeadShape(hq, hkv, d), LayerSharingMap::none(1), dtype);
-        KvCache<PagedLayout> cache(cfg, PagedLayout{16});
-        cache.add_sequence(1);
-        auto k = random_floats(rng, static_cast<std::size_t>(len * hkv * d)), v = random_floats(rng, k.size());
-        const std::int64_t bad_key = len - 1 - static_cast<std::int64_t>(rng() % 2);  // seen by the last 1 or 2 tokens
-        auto& poisoned = rng() % 3 ? v : k;  // mostly V (0 x inf in P·V), K too (masked scores)
-        poisoned[static_cast<std::size_t>((bad_key * hkv + hkv - 1) * d + 7)] = rng() % 2 ? std::numeric_limits<float>::infinity() : std::nanf("");
-        cache.append(1, len, k.data(), v.data());
-        const auto q = random_floats(rng, static_cast<std::size_t>(n * hq * d));
-        std::vector<float> out(q.size(), std::nanf(""));
-        const seq_id ids[] = {1};
-        const std::int64_t counts[] = {n};
-        prefill(cache, 0, ids, counts, q.data(), out.data());
-        const auto ref = reference_attention(cache, 0, 1, q.data(), n, true);
-        int finite_rows = 0;
-        for (std::size_t row = 0; row < ref.tolerance.size(); ++row) {
-          const double* expected = ref.out.data() + row * d;
-          if (!std::all_of(expected, expected + d, [](double x) { return std::isfinite(x); })) continue;
-          ++finite_rows;
-          ASSERT_LE(max_abs_diff(out.data() + row * d, expected, d), ref.tolerance[row])
-              << dtype_name(dtype) << " Hq=" << hq << " Hkv=" << hkv << " n=" << n << " d=" << d << " bad key " << bad_key << ": row " << row;
+          const std::int64_t len = 5 + n;
+          const ModelConfig cfg(HeadShape(hq, hkv, d), LayerSharingMap::none(1), dtype);
+          KvCache<PagedLayout> cache(cfg, PagedLayout{16});
+          cache.add_sequence(1);
+          auto k = random_floats(rng, static_cast<std::size_t>(len * hkv * d)), v = random_floats(rng, k.size());
+          const std::int64_t bad_key = len - 1 - static_cast<std::int64_t>(rng() % 2);  // seen by the last 1 or 2 tokens
+          auto& poisoned = rng() % 3 ? v : k;  // mostly V (0 x inf in P·V), K too (masked scores)
+          poisoned[static_cast<std::size_t>((bad_key * hkv + hkv - 1) * d + 7)] = rng() % 2 ? std::numeric_limits<float>::infinity() : std::nanf("");
+          cache.append(1, len, k.data(), v.data());
+          const auto q = random_floats(rng, static_cast<std::size_t>(n * hq * d));
+          std::vector<float> out(q.size(), std::nanf(""));
+          const seq_id ids[] = {1};
+          const std::int64_t counts[] = {n};
+          prefill(cache, 0, ids, counts, q.data(), out.data());
+          const auto ref = reference_attention(cache, 0, 1, q.data(), n, true);
+          int finite_rows = 0;
+          for (std::size_t row = 0; row < ref.tolerance.size(); ++row) {
+            const double* expected = ref.out.data() + row * d;
+            if (!std::all_of(expected, expected + d, [](double x) { return std::isfinite(x); })) continue;
+            ++finite_rows;
+            ASSERT_LE(max_abs_diff(out.data() + row * d, expected, d), ref.tolerance[row])
+                << dtype_name(dtype) << " Hq=" << hq << " Hkv=" << hkv << " n=" << n << " d=" << d << " bad key " << bad_key << ": row " << row;
+          }
+          EXPECT_GE(finite_rows, (n - 2) * hq);
         }
-        EXPECT_GE(finite_rows, (n - 2) * hq);
-      }
 }
 
 TEST_P(PerIsa, LayoutsGiveTheSameBits) {

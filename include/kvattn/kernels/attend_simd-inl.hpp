@@ -882,24 +882,22 @@ KVATTN_ALWAYS_INLINE bool v_rows_finite(const T* const* kr, int n, std::ptrdiff_
 /// t.visible_keys of the n keys from k0), each row over its own keys only, one value at a time:
 /// the path for a causal chunk's diagonal tile with a non-finite V row, which the plain passes would
 /// spread as 0 x inf = NaN to rows that do not see it. o in the order direct_pv keeps it (Paired:
-/// whole blocks of 2L dims as even dims, then odd ones).
+/// scale_row's pair order, undone into row_buffer, d floats, and redone).
 template <int R, bool Paired, class T>
 KVATTN_TARGET void direct_pv_visible(float* o, int d, const float* alpha, const float* p, const T* const* kr, std::ptrdiff_t v_bytes,
-                                     const AttendTile& t, std::int64_t k0, int n) {
+                                     const AttendTile& t, std::int64_t k0, int n, float* row_buffer) {
   constexpr int KB = L / R;
-  const auto dim_of = [&](int x) {
-    const int c0 = x / (2 * L) * (2 * L), i = x - c0;
-    return !Paired || c0 + 2 * L > d ? x : c0 + (i < L ? 2 * i : 2 * (i - L) + 1);
-  };
   for (int r = 0; r < R; ++r) {
-    float* row = o + r * d;
-    for (int x = 0; x < d; ++x) row[x] *= alpha[r * KB];
+    float* const row = Paired ? row_buffer : o + r * d;
+    if constexpr (Paired) unpair_row(o + r * d, d, row);
+    for (int c = 0; c < d; ++c) row[c] *= alpha[r * KB];
     const int visible = t.visible_keys(r / t.group, k0, n);
     for (int j = 0; j < visible; ++j) {
       const float pj = p[j / KB * L + r * KB + j % KB];
       const T* v = byte_offset(kr[j], v_bytes);
-      for (int x = 0; x < d; ++x) row[x] += pj * static_cast<float>(v[dim_of(x)]);
+      for (int c = 0; c < d; ++c) row[c] += pj * static_cast<float>(v[c]);
     }
+    if constexpr (Paired) scale_row<true>(row, 1.f, d, o + r * d);
   }
 }
 
@@ -932,7 +930,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
   const int group = t.group;
   float* qs = scratch;     // R x d, or (lanes_qk) d x R, pre-scaled by scale * log2(e)
   float* o = qs + R * d;   // R x d
-  float* kb = o + R * d;   // lanes_qk: 16 K rows, converted
+  float* kb = o + R * d;   // lanes_qk: 16 K rows, converted (dead during P·V: direct_pv_visible's row buffer)
   Eigen::bfloat16* qb = reinterpret_cast<Eigen::bfloat16*>(kb);  // dot: R x d, q as qs holds it, rounded to bf16
   alignas(64) Eigen::bfloat16 pb[dot ? R * KT : 1];  // dot: the current tile's probabilities, rounded
   alignas(64) float lanes[3][L];  // per lane: key within its group, visible keys, alpha
@@ -1082,7 +1080,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_rows_direct(const AttendTile
     // one-token calls only, which have no such tile).
     const int first_limit = t.visible_keys(0, k0, n);
     if (!dot && first_limit < n && !v_rows_finite(ring[i % 3] + first_limit, n - first_limit, v_bytes, d))
-      direct_pv_visible<R, o_paired>(o, d, alpha, p, ring[i % 3], v_bytes, t, k0, n);
+      direct_pv_visible<R, o_paired>(o, d, alpha, p, ring[i % 3], v_bytes, t, k0, n, kb);
     else
       direct_pv<R, SD, T, dot>(o, d, alpha, p, pb, ring[i % 3], v_bytes, nb, rows_ahead_of[i & 1]);
   }

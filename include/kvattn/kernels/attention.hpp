@@ -261,7 +261,7 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
   const int d = pb.slot.head_dim;
   const int group = plan.group;
   const std::int64_t rows = plan.max_rows;
-  // Per-thread scratch: tile scratch plus the item's outputs and one run's (run_in_runs), in whole
+  // Per-thread scratch: tile scratch plus the item's outputs and one run's (run_kernel), in whole
   // 64-byte lines.
   const std::int64_t per_thread = (tile_scratch_floats(plan.max_rows, d) + 2 * rows * d + 15) / 16 * 16;
   const int threads = rules.threads_for(plan, asked_threads);
@@ -326,41 +326,32 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
   std::fill_n(chunks_done, plan.merges.size(), 0);
 
   // The kernel on `tile`, told of the item the thread runs next (`next`, -1 for none) so that its
-  // last tiles prefetch that item's first rows.
+  // last tiles prefetch that item's first rows. A tile of more than plan.run_keys keys (an unsplit
+  // item: split-K chunks never are) runs in runs of that many keys, cut and chained for prefetch by
+  // for_each_chunk, the first into the tile's own outputs, each later one into the thread's run
+  // outputs and merged in, in key order: no f32 running sum spans more keys than a run.
   auto run_kernel = [&](AttendTile& tile, std::int64_t next, int thread) {
     AttendTile next_tile;
     if (next >= 0) {
       next_tile = item_tile(next);
       tile.next = &next_tile;
     }
-    kernel.run(tile, scratch + per_thread * thread);
-  };
-  // An item longer than plan.run_keys (only unsplit ones are: chunks never are) in runs of that many
-  // keys, the first into the tile's own outputs, each later one into the thread's run outputs and
-  // merged in, in key order: no f32 running sum spans more keys than a run.
-  auto run_in_runs = [&](AttendTile& tile, std::int64_t next, int thread) {
-    const std::int64_t end = tile.keys_end(), run_keys = plan.run_keys;
+    float* const tile_scratch = scratch + per_thread * thread;
+    if (tile.chunk_keys > 0 || tile.keys_end() - tile.key_begin <= plan.run_keys) return kernel.run(tile, tile_scratch);
     SoftmaxState* const run_states = thread_states + state_stride * (2 * thread + 1);
-    float* const run_acc = scratch + per_thread * thread + tile_scratch_floats(plan.max_rows, d) + rows * d;
-    for (std::int64_t k0 = tile.key_begin; k0 < end; k0 += run_keys) {
-      AttendTile run = tile, following;
-      run.key_begin = k0;
-      run.key_end = std::min(end, k0 + run_keys);
-      const bool first = k0 == tile.key_begin;
-      if (!first) run.states = run_states, run.acc = run_acc;
-      if (run.key_end < end) {
-        following = run;
-        following.key_begin = run.key_end;
-        following.key_end = std::min(end, run.key_end + run_keys);
-        run.next = &following;
-        kernel.run(run, scratch + per_thread * thread);
-      } else {
-        run_kernel(run, next, thread);
-      }
-      if (first) continue;
+    float* const run_acc = tile_scratch + tile_scratch_floats(plan.max_rows, d) + rows * d;
+    AttendTile runs = tile;
+    runs.key_end = tile.keys_end();
+    runs.chunk_keys = plan.run_keys;
+    for_each_chunk(runs, [&](const AttendTile& run) {
+      if (run.key_begin == tile.key_begin) return kernel.run(run, tile_scratch);
+      AttendTile later = run;
+      later.states = run_states;
+      later.acc = run_acc;
+      kernel.run(later, tile_scratch);
       for (int r = 0; r < tile.n_tokens * group; ++r)
         tile.states[r].merge(tile.acc + std::int64_t{r} * d, run_states[r], run_acc + std::int64_t{r} * d, d);
-    }
+    });
   };
   auto run_item = [&](std::int64_t idx, std::int64_t next, int thread) {
     const WorkItem& w = plan.items[static_cast<std::size_t>(idx)];
@@ -376,10 +367,7 @@ inline void run_attention(const AttentionProblem& pb, const AttentionPlan& plan,
     }
     tile.states = thread_states + state_stride * 2 * thread;
     tile.acc = scratch + per_thread * thread + tile_scratch_floats(plan.max_rows, d);
-    if (tile.keys_end() - tile.key_begin > plan.run_keys)
-      run_in_runs(tile, next, thread);
-    else
-      run_kernel(tile, next, thread);
+    run_kernel(tile, next, thread);
     for (int r = 0; r < w.n_tokens * group; ++r)
       tile.states[r].finalize(tile.acc + std::int64_t{r} * d, out_row(w.seq, w.kv_head, w.token0 + r / group, r % group), d);
   };
