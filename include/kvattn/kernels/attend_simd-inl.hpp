@@ -218,7 +218,11 @@ inline constexpr int pv_block_rows = V::registers >= 32 ? 4 : 2;
 
 /// For the RB rows r of a block and the NV vectors from dim c0 on (V rows vr[j] + c0):
 /// o_r[c0 ..] = o_r * alpha[r] + sum_{j < n} p[r * prs + j * pks] v_j[c0 ..]. Each V vector is
-/// loaded once for all RB rows (one row at a time reloads V once per row: load-bound).
+/// loaded once for all RB rows (one row at a time reloads V once per row: load-bound), through
+/// load_once: on AVX2 GCC folded the load into every row's FMA, RB loads per vector (AMD EPYC family
+/// 23, Zen 1, MQA 32/1 d=128, scripts/ab-decode, median b/a of 3 runs: one thread, 512 keys in L2,
+/// bf16 0.920, f32 0.907; T=4096, 2 threads, bf16 0.927, f32 0.930). Its AVX-512 code is the same
+/// either way: GCC loaded once there.
 template <int RB, int NV>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* p, int prs, int pks, const float* alpha,
                                                  const float* const* vr, int c0, int n) {
@@ -230,7 +234,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* 
     for (int r = 0; r < RB; ++r) pj[r] = V::set1(p[r * prs + j * pks]);
     KVATTN_UNROLL(4)
     for (int k = 0; k < NV; ++k) {
-      const vec v = V::load(vr[j] + c0 + k * L);
+      const vec v = RB > 1 ? V::load_once(vr[j] + c0 + k * L) : V::load(vr[j] + c0 + k * L);
       KVATTN_UNROLL(4)
       for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
     }
@@ -510,7 +514,12 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void load_two(const T* p, vec& a, vec& b) {
 /// registers; so do 8 rows of a split type, the block's K vectors in registers and q from memory
 /// (bf16: one shift or mask per 16 values instead of a widening and a shift; GQA 8/1 d=128, one
 /// thread, 2048 keys in L2, minima of 9 interleaved runs, 80.6 -> 73.7 us; f16 and f32 gain
-/// nothing: 81.3 -> 81.4 us, 35.8 -> 36.3 us); other 8 and 16 rows one vector at a time, q from
+/// nothing: 81.3 -> 81.4 us, 35.8 -> 36.3 us), and so do 4 rows of a split type with 16 registers
+/// (AVX2), q loaded once per row, where q in registers did not fit and GCC folded each q vector
+/// into its FMAs, 18 loads per 16 FMAs (Zen 1, GQA 4/1 bf16, one thread, 512 keys in L2,
+/// scripts/ab-decode, median b/a of 3 runs: 0.965; GQA 32/8 T=4096, 2 threads: 0.934 and 0.962;
+/// T=1024 B=16: 0.967; the same for f16 took 1.032 in L2 and 1.068 at T=4096, f32 0.959 in L2 but
+/// 1.031 at T=4096, so they keep q folded); other 8 and 16 rows one vector at a time, q from
 /// memory; one row of a static head dim keys outer. (16 rows of 16-bit K on AVX-512 take
 /// direct_qk_lanes instead.)
 template <int R, int SD, class T>
@@ -556,7 +565,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         KVATTN_UNROLL(16)
         for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
       }
-    } else if constexpr (R <= 4) {
+    } else if constexpr (R <= 2 || (R <= 4 && (V::registers >= 32 || !pairs))) {
       // With 32 registers, load_once: with -march=native GCC hoisted all steps' q out of the key loop,
       // spilled them and folded each into its FMAs, 40 loads per 32 FMAs (GQA 4/1 f16 in L2, one
       // thread: 0.907x the time like this; GQA 32/8 T=4096 f16 0.927x, bf16 0.853x; default flags:
@@ -584,7 +593,12 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       for (int j = 0; j < KB; ++j) load_two<pairs>(kr[j] + c, k0[j], k1[j]);
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) {
-        const vec q0 = V::load(qs + r * d + c), q1 = V::load(qs + r * d + c + L);
+        vec q0, q1;  // (AVX-512, 8 rows: folded, as measured above; AVX2, 4 rows: loaded once)
+        if constexpr (V::registers >= 32) {
+          q0 = V::load(qs + r * d + c), q1 = V::load(qs + r * d + c + L);
+        } else {
+          q0 = V::load_once(qs + r * d + c), q1 = V::load_once(qs + r * d + c + L);
+        }
         KVATTN_UNROLL(4)
         for (int j = 0; j < KB; ++j) acc[r * KB + j] = V::fma(q1, k1[j], V::fma(q0, k0[j], acc[r * KB + j]));
       }
