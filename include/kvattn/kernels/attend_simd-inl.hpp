@@ -156,7 +156,9 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_tile(const float* q, const float* con
 /// row vectors x V::qkt_keys keys of accumulators at a time.
 template <bool Two>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows_block(const float* qt, int rp, int rb, const float* const* kr, int dp, float* sT) {
-  constexpr int KB = V::qkt_keys;
+  // A lone row vector with 16 registers (AVX2's 8-row blocks) takes twice the keys: more
+  // independent FMA chains (see attend_tile).
+  constexpr int KB = Two || V::registers >= 32 ? V::qkt_keys : 2 * V::qkt_keys;
   for (int jb = 0; jb < key_tile_simd; jb += KB) {
     vec a0[KB], a1[KB];
     KVATTN_UNROLL(16)
@@ -302,6 +304,12 @@ KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float
 /// lanes and one transposed horizontal sum. Many rows (MQA, large groups, prefill): lanes run over
 /// rows instead, so the scores of 16 rows come out of plain FMAs and the softmax is vectorized
 /// across rows. Both keep the online-softmax state in base 2 (queries are pre-scaled by log2 e).
+/// "Many" is two vectors of rows, or one with 16 registers (AVX2), where the per-row dot products
+/// load a K vector per FMA: on an AMD EPYC family 23 (Zen 1), GQA 8/1 d=128, one thread, 512 keys
+/// in L2 (scripts/ab-decode, median b/a of 3 runs), lanes over rows took 0.918x the time for bf16,
+/// 0.900x for f32, 0.917x for f16, and with 8 keys per block for a lone row vector (qk_rows_block)
+/// 0.983 / 0.968 / 0.975x of that; both together, GQA 32/4 T=4096 on 2 threads: 0.943 / 0.950 /
+/// 0.914x (bf16 / f32 / f16).
 template <int StaticGroup, int StaticDim>
 __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, float* scratch) {
   if (t.chunk_keys > 0) return for_each_chunk(t, [&](const AttendTile& c) { attend_tile<StaticGroup, StaticDim>(c, scratch); });
@@ -312,7 +320,7 @@ __attribute__((noinline)) KVATTN_TARGET void attend_tile(const AttendTile& t, fl
   const int dp = SD != dynamic ? SD : (d + L - 1) / L * L;  // rows padded to whole vectors with zeros
   const int rows = t.n_tokens * group;
   const int rp = (rows + L - 1) / L * L;
-  const bool by_rows = rows >= 2 * L;
+  const bool by_rows = rows >= (V::registers >= 32 ? 2 * L : L);
   constexpr float log2e = 1.44269504088896340736f;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
