@@ -153,7 +153,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_tile(const float* q, const float* con
 
 /// sT[j * rp + r] = q_r . k_j for the rows rb .. rb + L (Two: rb .. rb + 2L) and the tile's keys
 /// (rows kr; lanes over query rows: no horizontal sums). qt is the transposed query block [dp][rp];
-/// row vectors x V::qkt_keys keys of accumulators at a time.
+/// row vectors x V::qkt_keys keys of accumulators at a time (2 x qkt_keys for a lone row vector
+/// with 16 registers).
 template <bool Two>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void qk_rows_block(const float* qt, int rp, int rb, const float* const* kr, int dp, float* sT) {
   // A lone row vector with 16 registers (AVX2's 8-row blocks) takes twice the keys: more
@@ -220,11 +221,11 @@ inline constexpr int pv_block_rows = V::registers >= 32 ? 4 : 2;
 
 /// For the RB rows r of a block and the NV vectors from dim c0 on (V rows vr[j] + c0):
 /// o_r[c0 ..] = o_r * alpha[r] + sum_{j < n} p[r * prs + j * pks] v_j[c0 ..]. Each V vector is
-/// loaded once for all RB rows (one row at a time reloads V once per row: load-bound), through
-/// load_once: on AVX2 GCC folded the load into every row's FMA, RB loads per vector (AMD EPYC family
-/// 23, Zen 1, MQA 32/1 d=128, scripts/ab-decode, median b/a of 3 runs: one thread, 512 keys in L2,
-/// bf16 0.920, f32 0.907; T=4096, 2 threads, bf16 0.927, f32 0.930). Its AVX-512 code is the same
-/// either way: GCC loaded once there.
+/// loaded once for all RB rows (one row at a time reloads V once per row: load-bound); with 16
+/// registers (AVX2) through load_once, since GCC folded the load into every row's FMA there, RB
+/// loads per vector (AMD EPYC family 23, Zen 1, MQA 32/1 d=128, scripts/ab-decode, median b/a of 3
+/// runs: one thread, 512 keys in L2, bf16 0.920, f32 0.907; T=4096, 2 threads, bf16 0.927, f32
+/// 0.930). With 32 registers GCC loaded once by itself (AVX-512); those paths keep plain loads.
 template <int RB, int NV>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* p, int prs, int pks, const float* alpha,
                                                  const float* const* vr, int c0, int n) {
@@ -236,7 +237,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* 
     for (int r = 0; r < RB; ++r) pj[r] = V::set1(p[r * prs + j * pks]);
     KVATTN_UNROLL(4)
     for (int k = 0; k < NV; ++k) {
-      const vec v = RB > 1 ? V::load_once(vr[j] + c0 + k * L) : V::load(vr[j] + c0 + k * L);
+      const vec v = RB > 1 && V::registers < 32 ? V::load_once(vr[j] + c0 + k * L) : V::load(vr[j] + c0 + k * L);
       KVATTN_UNROLL(4)
       for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
     }
@@ -304,8 +305,9 @@ KVATTN_ALWAYS_INLINE void finish_rows(const AttendTile& t, int rows, const float
 /// lanes and one transposed horizontal sum. Many rows (MQA, large groups, prefill): lanes run over
 /// rows instead, so the scores of 16 rows come out of plain FMAs and the softmax is vectorized
 /// across rows. Both keep the online-softmax state in base 2 (queries are pre-scaled by log2 e).
-/// "Many" is two vectors of rows, or one with 16 registers (AVX2), where the per-row dot products
-/// load a K vector per FMA: on an AMD EPYC family 23 (Zen 1), GQA 8/1 d=128, one thread, 512 keys
+/// "Many" is two vectors of rows, or one with 16 registers (AVX2): there the per-row dot products
+/// load a whole K vector per FMA where lanes over rows broadcast one float, and need transposed
+/// sums and a row-by-row softmax. On an AMD EPYC family 23 (Zen 1), GQA 8/1 d=128, one thread, 512 keys
 /// in L2 (scripts/ab-decode, median b/a of 3 runs), lanes over rows took 0.918x the time for bf16,
 /// 0.900x for f32, 0.917x for f16, and with 8 keys per block for a lone row vector (qk_rows_block)
 /// 0.983 / 0.968 / 0.975x of that; both together, GQA 32/4 T=4096 on 2 threads: 0.943 / 0.950 /

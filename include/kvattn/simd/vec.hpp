@@ -4,7 +4,8 @@
 // V provides (all static, always inline, usable only from functions with the same target):
 //   vec, lanes, registers      vector type, floats per vector, vector registers of the ISA
 //   pv_regs                    accumulator vectors for P·V passes
-//   qkt_keys                   keys per register block when lanes run over query rows
+//   qkt_keys                   keys per register block when lanes run over query rows (twice
+//                              that for a lone row vector where registers < 32)
 //   zero set1 load store add sub mul min max fma(a, b, c) = a * b + c
 //   reduce_add reduce_max      horizontal reductions
 //   round                      nearest integer
