@@ -26,6 +26,14 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET vec exp2v(vec x) {
   return V::select_less(x, V::set1(-126.f), V::zero(), V::ldexp(p, n));
 }
 
+/// V::load_once(p) if Once, else V::load(p), which the compiler may fold into the instructions
+/// that use it (once per use): for loops whose best choice differs by path.
+template <bool Once>
+KVATTN_ALWAYS_INLINE KVATTN_TARGET vec load_kept_if(const float* p) {
+  if constexpr (Once) return V::load_once(p);
+  else return V::load(p);
+}
+
 /// The TileLoader of a storage type: f32 rows of whole vectors are read where they are stored (a
 /// copy only adds loads and stores: MQA 32/1 d=128 T=4096 f32 decode, 2 threads, medians of 5
 /// interleaved runs, 297 -> 269 us), other rows are converted into `buffer`.
@@ -237,7 +245,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void pv_block(float* o, int dp, const float* 
     for (int r = 0; r < RB; ++r) pj[r] = V::set1(p[r * prs + j * pks]);
     KVATTN_UNROLL(4)
     for (int k = 0; k < NV; ++k) {
-      const vec v = RB > 1 && V::registers < 32 ? V::load_once(vr[j] + c0 + k * L) : V::load(vr[j] + c0 + k * L);
+      const vec v = load_kept_if<(RB > 1 && V::registers < 32)>(vr[j] + c0 + k * L);
       KVATTN_UNROLL(4)
       for (int r = 0; r < RB; ++r) acc[r][k] = V::fma(pj[r], v, acc[r][k]);
     }
@@ -583,13 +591,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       // (load_once there: GQA 32/8 T=4096 1.03x for f16 and f32).
       vec q0[R], q1[R];
       KVATTN_UNROLL(4)
-      for (int r = 0; r < R; ++r) {
-        if constexpr (V::registers >= 32) {
-          q0[r] = V::load_once(qs + r * d + c), q1[r] = V::load_once(qs + r * d + c + L);
-        } else {
-          q0[r] = V::load(qs + r * d + c), q1[r] = V::load(qs + r * d + c + L);
-        }
-      }
+      for (int r = 0; r < R; ++r)
+        q0[r] = load_kept_if<(V::registers >= 32)>(qs + r * d + c), q1[r] = load_kept_if<(V::registers >= 32)>(qs + r * d + c + L);
       KVATTN_UNROLL(16)
       for (int j = 0; j < KB; ++j) {
         vec k0, k1;
@@ -603,12 +606,8 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       for (int j = 0; j < KB; ++j) load_two<pairs>(kr[j] + c, k0[j], k1[j]);
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) {
-        vec q0, q1;  // (AVX-512, 8 rows: folded, as measured above; AVX2, 4 rows: loaded once)
-        if constexpr (V::registers >= 32) {
-          q0 = V::load(qs + r * d + c), q1 = V::load(qs + r * d + c + L);
-        } else {
-          q0 = V::load_once(qs + r * d + c), q1 = V::load_once(qs + r * d + c + L);
-        }
+        // (AVX-512, 8 rows: folded, as measured above; AVX2, 4 rows: loaded once)
+        const vec q0 = load_kept_if<(V::registers < 32)>(qs + r * d + c), q1 = load_kept_if<(V::registers < 32)>(qs + r * d + c + L);
         KVATTN_UNROLL(4)
         for (int j = 0; j < KB; ++j) acc[r * KB + j] = V::fma(q1, k1[j], V::fma(q0, k0[j], acc[r * KB + j]));
       }
