@@ -30,8 +30,9 @@
 //   InCache/<design>/T512/B1/<dtype>/<isa>[/fpmath_bf16]/threads:1  one sequence whose K/V stay in
 //                                                             L2, for query groups 1, 4 and 32: the
 //                                                             kernels' arithmetic without memory
-//   Overlap/fmas_per_vector:<F>/threads:<n>                   streaming with F FMAs per loaded vector against
-//                                                             the same work in L2 (how far memory and compute overlap)
+//   Overlap/<dtype>/fmas_per_vector:<F>/threads:<n>           streaming with F FMAs per converted vector
+//                                                             against the same work in L2 (how far memory
+//                                                             and compute overlap) and the FMA peak
 // Cold runs flush the step's K/V bytes from every cache level before the step and before each read
 // (evict_caches).
 // Quick subset (~30 s): --benchmark_filter='^Decode(EigenNaive)?/[^/]+/(T4096/B1|T1024/B16)/threads:2/'
@@ -42,6 +43,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <memory_resource>
 #include <numeric>
@@ -49,6 +51,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -455,51 +458,84 @@ void register_in_cache() {
     });
 }
 
-/// How far streaming and computing overlap on this machine: a streaming read of 16 MiB (D2's bf16
-/// K/V) doing F FMAs on every loaded vector (kvattn::kernels::stream_fma), timed beside the same
-/// read without FMAs (the floor) and the same work on 256 KiB that stay in L2. compute_ratio = L2
-/// time / floor is the work's own time, floor_ratio = streamed time / floor what it costs when the
-/// bytes come from memory; a decode kernel whose compute_ratio is the same cannot expect a lower
-/// floor_ratio than this loop, which has no dependencies, overheads or irregular accesses.
+/// How far streaming and computing overlap on this machine, and what converting a storage type
+/// costs beside the FMAs: a streaming read of 16 MiB (D2's bf16 K/V) of stored elements doing F FMAs
+/// on every converted vector (kvattn::kernels::stream_fma; F = the query rows a decode kernel's
+/// K or V vector serves, the GQA group), timed beside the bare read of the same bytes (the floor)
+/// and the same work on 256 KiB that stay in L2. compute_ratio = L2 time / floor is the work's own
+/// time, floor_ratio = streamed time / floor what it costs when the bytes come from memory; a
+/// decode kernel whose compute_ratio is the same cannot expect a lower floor_ratio than this loop,
+/// which has no dependencies, overheads or irregular accesses. fma_fraction = the time of the
+/// loop's FMAs at the peak FMA rate / its L2 time: the share of the FMA peak that F FMAs per vector
+/// of this storage type leave after the loads and conversions.
+template <kvattn::kv_dtype Dtype>
 void BM_Overlap(benchmark::State& state, int fmas) {
+  using T = typename kvattn::storage<Dtype>::type;
   const int threads = static_cast<int>(state.range(0));
-  static const std::vector<float> data = kvattn_bench::random_floats(std::size_t{4} << 20, 11);  // 16 MiB
-  const std::span<const float> all(data);
-  const std::vector<std::span<const float>> memory{all};
+  constexpr std::size_t bytes = std::size_t{16} << 20;
+  // The floor reads these bytes as floats, the probe as T (16-bit values written into them).
+  static const std::vector<float> data = [] {
+    std::vector<float> x = kvattn_bench::random_floats(bytes / sizeof(float), 11);
+    if constexpr (!std::is_same_v<T, float>) {
+      const std::vector<float> values = kvattn_bench::random_floats(bytes / sizeof(T), 12);
+      for (std::size_t i = 0; i < values.size(); ++i) {
+        const T v = kvattn::storage<Dtype>::store(values[i]);
+        std::memcpy(reinterpret_cast<char*>(x.data()) + i * sizeof(T), &v, sizeof(T));
+      }
+    }
+    return x;
+  }();
+  const std::span<const T> all(reinterpret_cast<const T*>(data.data()), bytes / sizeof(T));
+  const std::vector<std::span<const T>> memory{all};
+  const std::vector<std::span<const float>> floor_bytes{std::span<const float>(data)};
   // The same reads and FMAs on one 256 KiB slice per thread, read over and over (a thread each, not
   // the stream's small pieces, whose scheduling would show at L2 speed).
-  const std::int64_t slice = std::int64_t{64} << 10, reps = static_cast<std::int64_t>(all.size()) / slice / threads;
+  const std::int64_t slice = (std::int64_t{256} << 10) / static_cast<std::int64_t>(sizeof(T));
+  const std::int64_t reps = static_cast<std::int64_t>(all.size()) / slice / threads;
   std::vector<float> sinks(static_cast<std::size_t>(threads));
   const auto in_l2 = [&] {
     const auto t0 = std::chrono::steady_clock::now();
     kvattn::kernels::parallel_for(threads, threads, [&](std::int64_t i, int t) {
-      for (std::int64_t r = 0; r < reps; ++r) sinks[static_cast<std::size_t>(t)] += kvattn::kernels::stream_fma(data.data() + i * slice, slice, fmas);
+      for (std::int64_t r = 0; r < reps; ++r) sinks[static_cast<std::size_t>(t)] += kvattn::kernels::stream_fma(all.data() + i * slice, slice, fmas);
     });
     benchmark::DoNotOptimize(sinks.data());
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   };
-  std::vector<double> streamed, l2;
+  // FLOPs of the loop: 2 per FMA lane, F per stored element.
+  const double flops = 2.0 * fmas * static_cast<double>(all.size());
+  std::vector<double> streamed, l2, peak;
   FloorReads reads;
   for (auto _ : state) {
-    const double t = kvattn_bench::stream_read_seconds(memory, threads, fmas);
+    const double t = kvattn_bench::stream_read_seconds<T>(memory, threads, fmas);
     state.SetIterationTime(t);
     streamed.push_back(t);
-    reads.time(memory, threads, false);
+    reads.time(floor_bytes, threads, false);
     l2.push_back(in_l2());
+    peak.push_back(kvattn_bench::fma_seconds(flops, threads));
   }
   const double f = reads.floor().seconds;  // the floor the decode benchmarks use
   state.counters["median_us"] = median(streamed) * 1e6;
   state.counters["floor_ratio"] = median(streamed) / f;
   state.counters["compute_ratio"] = median(l2) / f;
-  state.counters["stream_GB_per_s"] = static_cast<double>(all.size_bytes()) * 1e-9 / f;
+  state.counters["fma_fraction"] = median(peak) / median(l2);
+  state.counters["stream_GB_per_s"] = static_cast<double>(bytes) * 1e-9 / f;
   state.counters["attn_threads"] = threads;
-  state.SetLabel(std::string(kvattn::isa_name(kvattn::active_isa())));
+  state.SetLabel(std::string(kvattn::dtype_name(Dtype)) + "/" + std::string(kvattn::isa_name(kvattn::active_isa())));
 }
 
 void register_overlap() {
-  for (int fmas : {2, 4, 6, 8, 10, 12, 14, 16})
-    benchmark::RegisterBenchmark(("Overlap/fmas_per_vector:" + std::to_string(fmas)).c_str(), BM_Overlap, fmas)
-        ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+  // f32 from 2 to 16 FMAs per vector, where streaming stops hiding them; 16-bit types at the
+  // decode kernels' group sizes.
+  const auto add = [](auto tag, std::initializer_list<int> counts) {
+    constexpr kvattn::kv_dtype dtype = decltype(tag)::value;
+    for (int fmas : counts)
+      benchmark::RegisterBenchmark(("Overlap/" + std::string(kvattn::dtype_name(dtype)) + "/fmas_per_vector:" + std::to_string(fmas)).c_str(),
+                                   BM_Overlap<dtype>, fmas)
+          ->ArgName("threads")->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)->UseManualTime();
+  };
+  add(std::integral_constant<kvattn::kv_dtype, kvattn::kv_dtype::f32>{}, {2, 4, 6, 8, 10, 12, 14, 16});
+  add(std::integral_constant<kvattn::kv_dtype, kvattn::kv_dtype::f16>{}, {1, 2, 4, 8, 16});
+  add(std::integral_constant<kvattn::kv_dtype, kvattn::kv_dtype::bf16>{}, {1, 2, 4, 8, 16});
 }
 
 template <int KvHeads>

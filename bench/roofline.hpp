@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "common.hpp"
@@ -42,22 +43,28 @@ inline double fma_seconds(double flops, int threads) {
   return s;
 }
 
-/// One streaming read of the float ranges `parts` by `threads` threads (16 pieces per thread per
-/// range, dynamically scheduled like the kernels' work), in seconds, with `prefetch`'s software
-/// prefetches; with `fmas` > 0, that many FMAs on every loaded vector (kvattn::kernels::stream_fma,
-/// the overlap probe, which prefetches as read_prefetch::l1).
-inline double stream_read_seconds(std::span<const std::span<const float>> parts, int threads, int fmas = 0,
-                                  kvattn::kernels::read_prefetch prefetch = kvattn::kernels::read_prefetch::l1) {
+/// One streaming read of the ranges `parts` by `threads` threads (16 pieces per thread per range,
+/// dynamically scheduled like the kernels' work), in seconds: of floats with `prefetch`'s software
+/// prefetches; with `fmas` > 0, of stored elements (f32, f16 or bf16) with that many FMAs on every
+/// converted vector (kvattn::kernels::stream_fma, the overlap probe, which prefetches as
+/// read_prefetch::l1).
+template <class T = float>
+double stream_read_seconds(std::span<const std::span<const T>> parts, int threads, int fmas = 0,
+                           kvattn::kernels::read_prefetch prefetch = kvattn::kernels::read_prefetch::l1) {
   const std::int64_t pieces = std::int64_t{threads} * 16;
   std::vector<float> sums(static_cast<std::size_t>(threads));
   const auto t0 = std::chrono::steady_clock::now();
   kvattn::kernels::parallel_for(static_cast<std::int64_t>(parts.size()) * pieces, threads, [&](std::int64_t i, int t) {
-    const std::span<const float> part = parts[static_cast<std::size_t>(i / pieces)];
+    const std::span<const T> part = parts[static_cast<std::size_t>(i / pieces)];
     const auto n = static_cast<std::int64_t>(part.size());
-    const std::int64_t chunk = (n / pieces + 15) / 16 * 16;  // whole cache lines
+    constexpr std::int64_t line = 64 / sizeof(T);
+    const std::int64_t chunk = (n / pieces + line - 1) / line * line;  // whole cache lines
     const std::int64_t begin = std::min(n, i % pieces * chunk), end = i % pieces + 1 == pieces ? n : std::min(n, begin + chunk);
-    sums[static_cast<std::size_t>(t)] += fmas == 0 ? kvattn::kernels::stream_sum(part.data() + begin, end - begin, kvattn::active_isa(), prefetch)
-                                                   : kvattn::kernels::stream_fma(part.data() + begin, end - begin, fmas);
+    float& sum = sums[static_cast<std::size_t>(t)];
+    if constexpr (std::is_same_v<T, float>) {
+      if (fmas == 0) return void(sum += kvattn::kernels::stream_sum(part.data() + begin, end - begin, kvattn::active_isa(), prefetch));
+    }
+    sum += kvattn::kernels::stream_fma(part.data() + begin, end - begin, fmas);
   });
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   benchmark::DoNotOptimize(sums.data());

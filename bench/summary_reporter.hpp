@@ -34,14 +34,16 @@ class SummaryReporter : public benchmark::ConsoleReporter {
     ConsoleReporter::Finalize();
     std::size_t width = 4;
     for (const Run& r : rows_) width = std::max(width, r.benchmark_name().size());
-    // Columns only some benchmarks report, shown when a row has them: compute_ratio (Overlap) and
-    // fma_over_stream (decode: FMA floor / stream floor, above 1 where the step is compute-bound).
+    // Columns only some benchmarks report, shown when a row has them: compute_ratio and
+    // fma_fraction (Overlap) and fma_over_stream (decode: FMA floor / stream floor, above 1 where
+    // the step is compute-bound).
     struct Optional {
       const char* counter;
       const char* title;
     };
     std::vector<Optional> extra;
-    for (const Optional o : {Optional{"compute_ratio", "compute_ratio"}, Optional{"fma_over_stream", "fma/stream"}})
+    for (const Optional o : {Optional{"compute_ratio", "compute_ratio"}, Optional{"fma_fraction", "fma_fraction"},
+                              Optional{"fma_over_stream", "fma/stream"}})
       if (std::any_of(rows_.begin(), rows_.end(), [&](const Run& r) { return r.counters.count(o.counter) > 0; })) extra.push_back(o);
     std::string out = "\nSummary\n";
     char header[64];

@@ -491,6 +491,18 @@ TEST_P(PerIsa, BenchmarkProbesReadEveryByte) {
     EXPECT_NEAR(kernels::stream_fma(x.data(), n, fmas, GetParam()), fmas * 0.999999 * sum, 1e-5 * fmas * magnitude) << fmas;
   EXPECT_THROW(kernels::stream_fma(x.data(), n, 0, GetParam()), config_error);
   EXPECT_THROW(kernels::stream_fma(x.data(), n, 17, GetParam()), config_error);
+  // The probe over 16-bit storage converts every element (bf16 as even and odd halves on x86).
+  const auto check_stored = [&](auto tag) {
+    using S = storage<decltype(tag)::value>;
+    std::vector<typename S::type> stored(x.size());
+    double stored_sum = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) stored[i] = S::store(x[i]), stored_sum += S::load(stored[i]);
+    for (int fmas : {1, 4, 16})
+      EXPECT_NEAR(kernels::stream_fma(stored.data(), n, fmas, GetParam()), fmas * 0.999999 * stored_sum, 1e-5 * fmas * magnitude)
+          << dtype_name(decltype(tag)::value) << " " << fmas;
+  };
+  check_stored(std::integral_constant<kv_dtype, kv_dtype::f16>{});
+  check_stored(std::integral_constant<kv_dtype, kv_dtype::bf16>{});
 }
 
 TEST(Isa, ForcingAPathTheCpuLacksIsRefused) {

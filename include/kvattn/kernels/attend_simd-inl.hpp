@@ -1148,14 +1148,14 @@ KVATTN_TARGET void attend_tile_typed(const AttendTile& t, float* scratch) {
   attend_tile<BufferedGroup, StaticDim>(t, scratch);
 }
 
-/// The probes' software prefetch for a step that reads the 4 vectors at x: the lines
-/// prefetch_ahead_bytes further on into L1 (read_prefetch::l1) or into L2 (l2), or
+/// The probes' software prefetch for a step that reads 4 vectors' worth of stored elements at x:
+/// the lines prefetch_ahead_bytes further on into L1 (read_prefetch::l1) or into L2 (l2), or
 /// prefetch_ahead_bytes_l2 further on into L2 (l2_far), as the direct kernel asks for the rows
 /// ahead of those it reads.
-template <read_prefetch Prefetch = read_prefetch::l1>
-KVATTN_ALWAYS_INLINE void prefetch_probe_step(const float* x) {
+template <read_prefetch Prefetch = read_prefetch::l1, class T = float>
+KVATTN_ALWAYS_INLINE void prefetch_probe_step(const T* x) {
   const char* p = reinterpret_cast<const char*>(x);
-  for (int line = 0; line < 4 * L * 4; line += 64) {
+  for (int line = 0; line < 4 * L * static_cast<int>(sizeof(T)); line += 64) {
     if constexpr (Prefetch == read_prefetch::l2_far) {
       prefetch_row_line(p + prefetch_ahead_bytes_l2 + line);
     } else if constexpr (Prefetch == read_prefetch::l2) {
@@ -1225,13 +1225,16 @@ KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
   return V::reduce_add(r);
 }
 
-/// Streams n floats as stream_sum does and spends F FMAs on every loaded vector, spread over
-/// fma_peak_chains independent chains: a kernel of that arithmetic density with no dependencies,
+/// Streams n stored elements as stream_sum does (16-bit ones converted as the direct kernel converts
+/// them for several query rows: load_two in direct_pairs' order) and spends F FMAs on every
+/// converted vector, spread over fma_peak_chains independent chains: a kernel of that arithmetic
+/// density (F = the query rows each K or V vector serves: the GQA group) with no dependencies,
 /// overheads or irregular accesses. Timed against the same work in L2, it shows how far streaming
-/// and computing overlap on a machine (bench_decode's Overlap benchmarks). Returns the sum of the
-/// FMAs' products, F * 0.999999 * sum(x) up to rounding (so tests can check what it read).
-template <int F>
-KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
+/// and computing overlap on a machine, and what the conversion of a storage type costs beside its
+/// FMAs (bench_decode's Overlap benchmarks). Returns the sum of the FMAs' products, F * 0.999999 *
+/// sum(x) up to rounding (so tests can check what it read).
+template <int F, class T>
+KVATTN_TARGET inline float stream_fma_fixed(const T* x, std::int64_t n) {
   constexpr int C = fma_peak_chains;
   vec acc[C];
   KVATTN_UNROLL(16)
@@ -1240,26 +1243,34 @@ KVATTN_TARGET inline float stream_fma_fixed(const float* x, std::int64_t n) {
   const std::int64_t whole = n / (4 * L) * (4 * L);  // (a bound GCC can follow when n is a constant)
   for (std::int64_t i = 0; i < whole; i += 4 * L) {
     prefetch_probe_step(x + i);
-    KVATTN_UNROLL(4)
-    for (int v = 0; v < 4; ++v) {
-      // Loaded once: for F = 2 and 3 GCC folded the load into each FMA, and those loops then
+    KVATTN_UNROLL(2)
+    for (int v = 0; v < 4; v += 2) {
+      // f32 loaded once: for F = 2 and 3 GCC folded the load into each FMA, and those loops then
       // streamed from L3 at 1.69 and 2.14x the bare stream on an AMD EPYC family 26 (F = 1: 1.01,
-      // F = 4: 1.11); loaded once, 1.00 and 1.03.
-      const vec xv = V::load_once(x + i + v * L);
-      KVATTN_UNROLL(16)
-      for (int f = 0; f < F; ++f) acc[(v * F + f) % C] = V::fma(xv, m, acc[(v * F + f) % C]);
+      // F = 4: 1.11); loaded once, 1.00 and 1.03. (A conversion's result is a register anyway.)
+      vec xv[2];
+      if constexpr (std::is_same_v<T, float>) {
+        xv[0] = V::load_once(x + i + v * L), xv[1] = V::load_once(x + i + (v + 1) * L);
+      } else {
+        load_two<V::template evens_odds<T>>(x + i + v * L, xv[0], xv[1]);
+      }
+      KVATTN_UNROLL(2)
+      for (int h = 0; h < 2; ++h) {
+        KVATTN_UNROLL(16)
+        for (int f = 0; f < F; ++f) acc[((v + h) * F + f) % C] = V::fma(xv[h], m, acc[((v + h) * F + f) % C]);
+      }
     }
   }
   vec r = V::zero();
   for (int k = 0; k < C; ++k) r = V::add(r, V::sub(acc[k], V::set1(static_cast<float>(k))));
   float tail = 0;
-  for (std::int64_t i = whole; i < n; ++i) tail += x[i];
+  for (std::int64_t i = whole; i < n; ++i) tail += static_cast<float>(x[i]);
   return V::reduce_add(r) + static_cast<float>(F) * 0.999999f * tail;
 }
 
 /// stream_fma_fixed<fmas> for a run-time fmas in [1, 16].
-template <int F = 16>
-KVATTN_TARGET inline float stream_fma(const float* x, std::int64_t n, int fmas) {
+template <int F = 16, class T>
+KVATTN_TARGET inline float stream_fma(const T* x, std::int64_t n, int fmas) {
   if constexpr (F > 1)
     if (fmas < F) return stream_fma<F - 1>(x, n, fmas);
   return stream_fma_fixed<F>(x, n);

@@ -198,10 +198,12 @@ inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(),
   }
 }
 
-/// Overlap probe: stream_sum's read with `fmas` FMAs (1 to 16) on every loaded vector (see
+/// Overlap probe: stream_sum's read of n stored elements (f32, or f16 / bf16 converted as the
+/// decode kernels convert them) with `fmas` FMAs (1 to 16) on every converted vector (see
 /// stream_fma_fixed); benchmarks compare it with the same work in L2. Returns fmas * 0.999999 *
 /// sum(x) up to rounding.
-inline float stream_fma(const float* x, std::int64_t n, int fmas, isa path = active_isa()) {
+template <class T>
+float stream_fma(const T* x, std::int64_t n, int fmas, isa path = active_isa()) {
   if (fmas < 1 || fmas > 16) kvattn::detail::fail<config_error>("stream_fma: FMAs per vector must be in [1, 16], got ", fmas);
   kvattn::detail::require_supported(path, "stream_fma: ");
   switch (path) {
@@ -215,7 +217,7 @@ inline float stream_fma(const float* x, std::int64_t n, int fmas, isa path = act
     default: {
       float a[8] = {};
       for (std::int64_t i = 0; i < n; ++i)
-        for (int f = 0; f < fmas; ++f) a[(i + f) % 8] += x[i] * 0.999999f;
+        for (int f = 0; f < fmas; ++f) a[(i + f) % 8] += static_cast<float>(x[i]) * 0.999999f;
       return a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
     }
   }
