@@ -461,7 +461,8 @@ void register_in_cache() {
 /// How far streaming and computing overlap on this machine, and what converting a storage type
 /// costs beside the FMAs: a streaming read of 16 MiB (D2's bf16 K/V) of stored elements doing F FMAs
 /// on every converted vector (kvattn::kernels::stream_fma; F = the query rows a decode kernel's
-/// K or V vector serves, the GQA group), timed beside the bare read of the same bytes (the floor)
+/// K or V vector serves, the GQA group; groups that the buffered kernel takes, which converts
+/// once into L1, only by their FMA density), timed beside the bare read of the same bytes (the floor)
 /// and the same work on 256 KiB that stay in L2. compute_ratio = L2 time / floor is the work's own
 /// time, floor_ratio = streamed time / floor what it costs when the bytes come from memory; a
 /// decode kernel whose compute_ratio is the same cannot expect a lower floor_ratio than this loop,

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +52,8 @@ inline double fma_seconds(double flops, int threads) {
 template <class T = float>
 double stream_read_seconds(std::span<const std::span<const T>> parts, int threads, int fmas = 0,
                            kvattn::kernels::read_prefetch prefetch = kvattn::kernels::read_prefetch::l1) {
+  // (Checked here: stream_fma's own refusal would be thrown inside the parallel loop.)
+  if (!std::is_same_v<T, float> && fmas < 1) throw std::invalid_argument("stream_read_seconds: 16-bit reads need fmas >= 1");
   const std::int64_t pieces = std::int64_t{threads} * 16;
   std::vector<float> sums(static_cast<std::size_t>(threads));
   const auto t0 = std::chrono::steady_clock::now();

@@ -1226,10 +1226,11 @@ KVATTN_TARGET inline float fma_peak_loop(std::int64_t iterations, float seed) {
 }
 
 /// Streams n stored elements as stream_sum does (16-bit ones converted as the direct kernel converts
-/// them for several query rows: load_two in direct_pairs' order) and spends F FMAs on every
-/// converted vector, spread over fma_peak_chains independent chains: a kernel of that arithmetic
-/// density (F = the query rows each K or V vector serves: the GQA group) with no dependencies,
-/// overheads or irregular accesses. Timed against the same work in L2, it shows how far streaming
+/// them for F query rows: load_two in direct_pairs<F>' order) and spends F FMAs on every converted
+/// vector, spread over fma_peak_chains independent chains: a kernel of that arithmetic density
+/// (F = the query rows each K or V vector serves: the GQA group) with no dependencies, overheads or
+/// irregular accesses. (Groups the buffered kernel takes, 8 and up where vectors have fewer than 16
+/// lanes, convert once into L1 instead: for them the loop stands for the FMA density only.) Timed against the same work in L2, it shows how far streaming
 /// and computing overlap on a machine, and what the conversion of a storage type costs beside its
 /// FMAs (bench_decode's Overlap benchmarks). Returns the sum of the FMAs' products, F * 0.999999 *
 /// sum(x) up to rounding (so tests can check what it read).
@@ -1252,7 +1253,7 @@ KVATTN_TARGET inline float stream_fma_fixed(const T* x, std::int64_t n) {
       if constexpr (std::is_same_v<T, float>) {
         xv[0] = V::load_once(x + i + v * L), xv[1] = V::load_once(x + i + (v + 1) * L);
       } else {
-        load_two<V::template evens_odds<T>>(x + i + v * L, xv[0], xv[1]);
+        load_two<direct_pairs<F, T>>(x + i + v * L, xv[0], xv[1]);
       }
       KVATTN_UNROLL(2)
       for (int h = 0; h < 2; ++h) {

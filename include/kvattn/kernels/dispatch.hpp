@@ -199,7 +199,7 @@ inline float stream_sum(const float* x, std::int64_t n, isa path = active_isa(),
 }
 
 /// Overlap probe: stream_sum's read of n stored elements (f32, or f16 / bf16 converted as the
-/// decode kernels convert them) with `fmas` FMAs (1 to 16) on every converted vector (see
+/// direct kernel converts them for `fmas` rows) with `fmas` FMAs (1 to 16) on every converted vector (see
 /// stream_fma_fixed); benchmarks compare it with the same work in L2. Returns fmas * 0.999999 *
 /// sum(x) up to rounding.
 template <class T>
