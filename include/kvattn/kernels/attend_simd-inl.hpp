@@ -504,13 +504,17 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void unpair_row(const float* src, int d, floa
 }
 
 /// Whether the direct kernel for R rows takes a split type's rows (V::evens_odds) as their even and
-/// odd elements. One row widens them in order instead: the split saves a shift per two FMAs that
-/// several rows share, and one row has none to share. Measured with scripts/ab-decode on an AMD
-/// EPYC family 26, MHA 32/32 d=128 T=4096 bf16, 2 threads, split -> widened: AVX-512 0.929 and
-/// 0.912x the time (medians of two sets of 5 runs, every run 0.88-0.95), no change with K/V in L2
-/// (one row, 512 keys, one thread: 0.994x); AVX2 1.018x (3 runs, 1.00-1.02: within the noise).
+/// odd elements. One row on AVX-512 widens them in order instead: the split saves a shift per two
+/// FMAs that several rows share, and one row has none to share. Measured with scripts/ab-decode on
+/// an AMD EPYC family 26, MHA 32/32 d=128 T=4096 bf16, 2 threads, split -> widened: AVX-512 0.929
+/// and 0.912x the time (medians of two sets of 5 runs, every run 0.88-0.95), no change with K/V in
+/// L2 (one row, 512 keys, one thread: 0.994x); AVX2 1.018x (3 runs, 1.00-1.02: within the noise).
+/// On AVX2 one row keeps the split: its in-order widening is a shuffle-unit `vpmovzxwd` and a shift
+/// per 8 values (Zen 1, Overlap bf16 at one FMA per vector: 0.30 of the FMA peak widened, 0.56
+/// split); widened -> split there (scripts/ab-decode, median b/a): MHA 1/1 bf16, one thread, 512
+/// keys 0.744 (5 runs), 2048 keys 0.774 (5); MHA 32/32 T=4096, 2 threads, 0.932 (3 runs).
 template <int R, class T>
-inline constexpr bool direct_pairs = V::template evens_odds<T> && R > 1;
+inline constexpr bool direct_pairs = V::template evens_odds<T> && (R > 1 || V::registers < 32);
 
 /// Two vectors of stored elements from p: as even and odd elements (load_stored2) if Pairs, else
 /// elements [0, L) and [L, 2L).
