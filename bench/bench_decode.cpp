@@ -476,15 +476,15 @@ void BM_Overlap(benchmark::State& state, int fmas) {
   constexpr std::size_t bytes = std::size_t{16} << 20;
   // The floor reads these bytes as floats, the probe as T (16-bit values written into them).
   static const std::vector<float> data = [] {
-    std::vector<float> x = kvattn_bench::random_floats(bytes / sizeof(float), 11);
-    if constexpr (!std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float>) {
+      return kvattn_bench::random_floats(bytes / sizeof(float), 11);
+    } else {
+      std::vector<float> x(bytes / sizeof(float));
       const std::vector<float> values = kvattn_bench::random_floats(bytes / sizeof(T), 12);
-      for (std::size_t i = 0; i < values.size(); ++i) {
-        const T v = kvattn::storage<Dtype>::store(values[i]);
-        std::memcpy(reinterpret_cast<char*>(x.data()) + i * sizeof(T), &v, sizeof(T));
-      }
+      auto* out = reinterpret_cast<T*>(x.data());
+      for (std::size_t i = 0; i < values.size(); ++i) out[i] = kvattn::storage<Dtype>::store(values[i]);
+      return x;
     }
-    return x;
   }();
   const std::span<const T> all(reinterpret_cast<const T*>(data.data()), bytes / sizeof(T));
   const std::vector<std::span<const T>> memory{all};
