@@ -676,14 +676,18 @@ TEST(AttentionErrors, BadInputsAreRejected) {
   bad_grain.min_pairs_per_thread = -3;
   expect_error([&] { decode(cache, 0, ids, q.data(), out.data(), bad_grain); }, "-3");
   EXPECT_THROW(set_num_threads(max_thread_count + 1), config_error);
-  // The last token's row, (tokens - 1) x stride, must not wrap: 4 query tokens 2^62 floats apart.
-  AttentionOptions huge_stride;
-  huge_stride.q_stride = std::int64_t{1} << 62;
-  expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{4}, q.data(), out.data(), huge_stride); }, "q extent");
-  huge_stride.q_stride = 0;
-  huge_stride.out_stride = std::int64_t{1} << 62;
-  expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{4}, q.data(), out.data(), huge_stride); },
-               "output extent");
+  // The last token's row, (tokens - 1) x stride, must not wrap, counted in bytes: 4 query tokens
+  // 2^62 floats apart, and 2 (2^62 floats fit in 64 bits, their 2^64 bytes do not).
+  for (const std::int64_t tokens : {4, 2}) {
+    AttentionOptions huge_stride;
+    huge_stride.q_stride = std::int64_t{1} << 62;
+    expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{tokens}, q.data(), out.data(), huge_stride); },
+                 "q extent");
+    huge_stride.q_stride = 0;
+    huge_stride.out_stride = std::int64_t{1} << 62;
+    expect_error([&] { cross_attention(cache, 0, ids, std::vector<std::int64_t>{tokens}, q.data(), out.data(), huge_stride); },
+                 "output extent");
+  }
 }
 
 namespace {

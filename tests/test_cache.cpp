@@ -576,6 +576,10 @@ TEST(KvCacheErrors, FailedCallsLeaveTheCacheUnchanged) {
   // The last source row's offset, (tokens - 1) x stride, must not wrap: 3 tokens 2^62 floats apart.
   expect_unchanged_after<overflow_error>(
       cache, ids, [&] { cache.write(1, 0, 0, 3, kv.data(), kv.data(), std::int64_t{1} << 62); }, "K/V source extent");
+  // ... nor in bytes: 2 tokens 2^62 floats apart fit in 64 bits counted in floats, not in bytes
+  // (the second row's pointer would wrap around to the first row).
+  expect_unchanged_after<overflow_error>(
+      cache, ids, [&] { cache.write(1, 0, 0, 2, kv.data(), kv.data(), std::int64_t{1} << 62); }, "K/V source extent");
   // The layer and the sequence are checked before the stride, as they always were.
   expect_unchanged_after<sequence_error>(cache, ids, [&] { cache.write(77, 0, 0, 1, kv.data(), kv.data(), 5); }, "77");
   expect_unchanged_after<config_error>(cache, ids, [&] { cache.write(1, 1, 0, 1, kv.data(), kv.data(), 5); }, "layer 1");

@@ -428,7 +428,7 @@ class KvCache {
       rethrow_out_of_memory(copies, detail::message(what, " (copies of blocks shared with forks)"));
     }
     // The source rows read: the last token's row must be addressable without overflow.
-    if (tokens > 0) (void)checked_add(checked_mul(tokens - 1, stride_units, "K/V source extent"), row * unit, "K/V source extent");
+    if (tokens > 0) check_extent(tokens, stride_units, row * unit, sizeof(Src), "K/V source extent");
     Acquired acquired;
     if (copies > 0)
       acquired = acquire_blocks(copies, batch ? detail::message("copying blocks shared with forks for a batch of ", ids.size(),
@@ -444,6 +444,7 @@ class KvCache {
     const KvSlotView sv = slot_view_of(slot);
     const std::int64_t head_units = std::int64_t{sv.head_dim} * unit;
     const auto row_bytes = static_cast<std::size_t>(sv.row_bytes);
+    std::int64_t t0 = 0;  // the sequence's first source token (a pointer moved past the last would wrap)
     for (std::size_t b = 0; b < ids.size(); ++b) {
       Sequence& s = find(ids[b])->second;
       const std::int64_t pos = positions[b], n = counts[b];
@@ -459,12 +460,12 @@ class KvCache {
                 record->saved_rows.push_back(row);
                 record->saved_bytes.insert(record->saved_bytes.end(), row, row + row_bytes);
               }
-            copy(tag, block + sv.k_offset + at, k + t * stride_units + h * head_units);
-            copy(tag, block + sv.v_offset + at, v + t * stride_units + h * head_units);
+            copy(tag, block + sv.k_offset + at, k + (t0 + t) * stride_units + h * head_units);
+            copy(tag, block + sv.v_offset + at, v + (t0 + t) * stride_units + h * head_units);
           }
         }
       });
-      if (n > 0) k += n * stride_units, v += n * stride_units;
+      t0 += n;
     }
     if (record) record->acquired = std::move(acquired);
   }

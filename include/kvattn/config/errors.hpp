@@ -92,6 +92,13 @@ std::int64_t checked_product(const char* what, std::int64_t first, Ints... rest)
   return r;
 }
 
+/// Checks that `count` (> 0) rows of `row` elements, `stride` elements apart, of `element_bytes`
+/// bytes each, span a byte range that fits in 64 bits: ((count - 1) x stride + row) x element_bytes.
+/// Pointers into the rows are formed in bytes, so an extent that fits only in elements would wrap.
+inline void check_extent(std::int64_t count, std::int64_t stride, std::int64_t row, std::int64_t element_bytes, const char* what) {
+  (void)checked_mul(checked_add(checked_mul(count - 1, stride, what), row, what), element_bytes, what);
+}
+
 /// Ceiling division of non-negative values (no intermediate that can overflow).
 constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) { return a / b + (a % b != 0); }
 

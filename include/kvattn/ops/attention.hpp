@@ -75,9 +75,9 @@ void attend(const KvCache<L>& cache, int layer, std::span<const seq_id> seqs, st
   if (offsets.back() > 0) {
     if (q == nullptr || out == nullptr) fail<shape_error>(what, ": null q or out");
     // The last token's q and output rows must be addressable without overflow.
-    const std::int64_t row = std::int64_t{hq} * d, last = offsets.back() - 1;
-    (void)checked_add(checked_mul(last, strides.q, "q extent"), row, "q extent");
-    (void)checked_add(checked_mul(last, strides.out, "output extent"), row, "output extent");
+    const std::int64_t row = std::int64_t{hq} * d;
+    check_extent(offsets.back(), strides.q, row, sizeof(float), "q extent");
+    check_extent(offsets.back(), strides.out, row, sizeof(float), "output extent");
   }
   kernels::AttentionProblem pb;
   pb.slot = slot;
