@@ -567,7 +567,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       for (int k = 0; k + 2 * L <= SD; k += 2 * L) {
         vec k0, k1;
         load_two<pairs>(kr[j] + k, k0, k1);
-        acc[j] = V::fma(V::load(qs + k + L), k1, V::fma(V::load(qs + k), k0, acc[j]));
+        acc[j] = V::fma_acc(V::load(qs + k + L), k1, V::fma_acc(V::load(qs + k), k0, acc[j]));
       }
       if constexpr (SD % (2 * L) != 0) acc[j] = V::fma(V::load(qs + SD - L), V::load_stored(kr[j] + SD - L), acc[j]);
     }
@@ -585,7 +585,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
       for (int j = 0; j < KB; ++j) {
         const vec kv = V::load_stored(kr[j] + c);
         KVATTN_UNROLL(16)
-        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(qv[r], kv, acc[r * KB + j]);
+        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma_acc(qv[r], kv, acc[r * KB + j]);
       }
     } else if constexpr (R <= 2 || (R <= 4 && (V::registers >= 32 || !pairs))) {
       // With 32 registers, load_once: with -march=native GCC hoisted all steps' q out of the key loop,
@@ -602,7 +602,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         vec k0, k1;
         load_two<pairs>(kr[j] + c, k0, k1);
         KVATTN_UNROLL(4)
-        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma(q1[r], k1, V::fma(q0[r], k0, acc[r * KB + j]));
+        for (int r = 0; r < R; ++r) acc[r * KB + j] = V::fma_acc(q1[r], k1, V::fma_acc(q0[r], k0, acc[r * KB + j]));
       }
     } else {
       vec k0[KB], k1[KB];
@@ -613,7 +613,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_qk(const float* qs, int d_runtime
         // (AVX-512, 8 rows: folded, as measured above; AVX2, 4 rows: loaded once)
         const vec q0 = load_kept_if<(V::registers < 32)>(qs + r * d + c), q1 = load_kept_if<(V::registers < 32)>(qs + r * d + c + L);
         KVATTN_UNROLL(4)
-        for (int j = 0; j < KB; ++j) acc[r * KB + j] = V::fma(q1, k1[j], V::fma(q0, k0[j], acc[r * KB + j]));
+        for (int j = 0; j < KB; ++j) acc[r * KB + j] = V::fma_acc(q1, k1[j], V::fma_acc(q0, k0[j], acc[r * KB + j]));
       }
     }
   }
@@ -685,23 +685,37 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores(const float* qs, int d, co
 /// each serves all R rows; an even NV takes them two vectors at a time (load_two's order). The
 /// pass's share of the V rows ahead (K rows next_k moved by v_bytes), as many lines as it reads
 /// of each row, is prefetched front to back over the pass's keys (the pass from line c of the rows
-/// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering). SD: the head dim if
+/// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering; passes that share
+/// a line split them). SD: the head dim if
 /// it is a compile-time constant (= d), else `dynamic`.
 template <int R, int NV, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p, const T* const* kr,
                                                        std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
   constexpr int KB = L / R;
-  constexpr int lines = (NV * L * static_cast<int>(sizeof(T)) + 63) / 64;  // of each row, in this pass
+  constexpr int pass_bytes = NV * L * static_cast<int>(sizeof(T));
+  constexpr int lines = (pass_bytes + 63) / 64;  // of each row, in this pass
+  // Passes narrower than a line (AVX2, 4 rows of 16-bit values: 32 bytes) split the lines ahead
+  // of the line they share, one every `sharing` keys, where every line of a static head dim's rows
+  // is whole and shared by passes of this width and a score vector's keys divide evenly; otherwise
+  // each asks for a line per key, as wide passes do, and some lines twice.
+  constexpr bool whole_lines = SD != dynamic && SD * static_cast<int>(sizeof(T)) % 64 == 0 && SD % (NV * L) == 0;
+  constexpr int sharing = whole_lines && pass_bytes < 64 && 64 % pass_bytes == 0 && KB % (64 / pass_bytes) == 0 ? 64 / pass_bytes : 1;
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;
-  const int g_begin = c0 * static_cast<int>(sizeof(T)) / 64 * direct_key_tile;
+  const int share = sharing > 1 ? c0 * static_cast<int>(sizeof(T)) % 64 / pass_bytes : 0;  // this pass's part of its line
+  const int g_begin = c0 * static_cast<int>(sizeof(T)) / 64 * direct_key_tile + share * (direct_key_tile / sharing);
   TileLinePrefetcher<static_row_lines<SD, T>, T> next_lines(next_k, v_bytes, row_lines, g_begin);
   vec acc[R][NV];
   load_scaled(acc, o, d, alpha, KB);
   for (int b = 0; b < nb; ++b) {
     KVATTN_UNROLL(16)
     for (int j = 0; j < KB; ++j) {
-      const int g = g_begin + (b * KB + j) * lines;
-      next_lines.lines(g, g + lines);
+      if constexpr (sharing == 1) {
+        const int g = g_begin + (b * KB + j) * lines;
+        next_lines.lines(g, g + lines);
+      } else if (j % sharing == 0) {
+        const int g = g_begin + b * (KB / sharing) + j / sharing;
+        next_lines.lines(g, g + 1);
+      }
       vec pj[R];
       KVATTN_UNROLL(16)
       for (int r = 0; r < R; ++r) pj[r] = V::set1(p[b * L + r * KB + j]);
