@@ -686,8 +686,7 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_scores(const float* qs, int d, co
 /// pass's share of the V rows ahead (K rows next_k moved by v_bytes), as many lines as it reads
 /// of each row, is prefetched front to back over the pass's keys (the pass from line c of the rows
 /// on asks for lines c x the tile's keys on, in TileLinePrefetcher's numbering; passes that share
-/// a line split them). SD: the head dim if
-/// it is a compile-time constant (= d), else `dynamic`.
+/// a line split them). SD: the head dim if it is a compile-time constant (= d), else `dynamic`.
 template <int R, int NV, int SD, class T>
 KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const float* alpha, const float* p, const T* const* kr,
                                                        std::ptrdiff_t v_bytes, int c0, int nb, const T* const* next_k) {
@@ -695,9 +694,10 @@ KVATTN_ALWAYS_INLINE KVATTN_TARGET void direct_pv_pass(float* o, int d, const fl
   constexpr int pass_bytes = NV * L * static_cast<int>(sizeof(T));
   constexpr int lines = (pass_bytes + 63) / 64;  // of each row, in this pass
   // Passes narrower than a line (AVX2, 4 rows of 16-bit values: 32 bytes) split the lines ahead
-  // of the line they share, one every `sharing` keys, where every line of a static head dim's rows
-  // is whole and shared by passes of this width and a score vector's keys divide evenly; otherwise
-  // each asks for a line per key, as wide passes do, and some lines twice.
+  // of the line they share, one every `sharing` keys, where a static head dim's rows are whole lines
+  // and whole passes of this width (as the 4-row passes of d = 64, 96, 128, 256 are) and a score
+  // vector's keys divide evenly; otherwise each asks for a line per key, as wide passes do, and
+  // some lines twice. (Prefetches only: a line missed costs time, never a wrong result.)
   constexpr bool whole_lines = SD != dynamic && SD * static_cast<int>(sizeof(T)) % 64 == 0 && SD % (NV * L) == 0;
   constexpr int sharing = whole_lines && pass_bytes < 64 && 64 % pass_bytes == 0 && KB % (64 / pass_bytes) == 0 ? 64 / pass_bytes : 1;
   const int row_lines = (d * static_cast<int>(sizeof(T)) + 63) / 64;
