@@ -118,6 +118,16 @@ void expect_error(Call&& call, std::string_view needle) {
   }
 }
 
+/// The seed of a randomized test: `fixed` in a plain run, so that CI and every re-run see the same
+/// cases; mixed with GoogleTest's random seed when tests are shuffled, so that a soak run draws new
+/// cases on every repetition (`--gtest_shuffle --gtest_repeat=100`; GoogleTest prints each
+/// repetition's seed, and `--gtest_shuffle --gtest_random_seed=<seed>` runs that one again).
+inline std::uint64_t test_seed(std::uint64_t fixed) {
+  if (!GTEST_FLAG_GET(shuffle)) return fixed;
+  const auto repetition_seed = static_cast<std::uint64_t>(::testing::UnitTest::GetInstance()->random_seed());
+  return fixed ^ (repetition_seed * 0x9E3779B97F4A7C15ull);  // (a golden-ratio multiply spreads small seeds)
+}
+
 /// n scaled by KVATTN_TEST_CASE_SCALE (default 1; emulated runs use less), at least 1.
 inline int scaled_cases(int n) {
   const char* env = std::getenv("KVATTN_TEST_CASE_SCALE");

@@ -141,7 +141,8 @@ double run_case(const Case& c, std::uint64_t seed) {
   return c.paged ? run_case(c, PagedLayout{c.block}, seed) : run_case(c, contiguous_for(c), seed);
 }
 
-void run_random_cases(mode m, int n_cases, std::uint64_t seed0) {
+void run_random_cases(mode m, int n_cases, std::uint64_t fixed_seed) {
+  const std::uint64_t seed0 = kvattn::testing::test_seed(fixed_seed);
   std::mt19937_64 rng(seed0);
   n_cases = kvattn::testing::scaled_cases(n_cases);
   for (int i = 0; i < n_cases; ++i) {
@@ -172,11 +173,11 @@ TEST_P(PerIsa, ExtremeLogits) {
   // 1/sqrt(d) (peaks ~50), ~13 x scale x sqrt(d) (peaks in the hundreds) with the custom scales of
   // a quarter of the cases. Online softmax must neither overflow nor lose the winner; the
   // tolerance grows with the logits' size (Reference).
-  std::mt19937_64 rng(21);
+  std::mt19937_64 rng(kvattn::testing::test_seed(21));
   for (int i = 0; i < kvattn::testing::scaled_cases(60); ++i) {
     Case c = random_case(rng, i % 2 ? mode::decode : mode::prefill);
     c.q_scale = 40.f;
-    const double err = run_case(c, 500 + static_cast<std::uint64_t>(i));
+    const double err = run_case(c, kvattn::testing::test_seed(500 + static_cast<std::uint64_t>(i)));
     ASSERT_LE(err, 1.0) << c.describe();
   }
 }
@@ -259,10 +260,10 @@ TEST_P(PerIsa, ANonFiniteKOrVRowReachesOnlyTheRowsThatSeeIt) {
 TEST_P(PerIsa, LayoutsGiveTheSameBits) {
   // Kernels read every layout through the same views: paged blocks of any size and a contiguous
   // cache holding the same K/V give the same bits.
-  std::mt19937_64 rng(71);
+  std::mt19937_64 rng(kvattn::testing::test_seed(71));
   for (int i = 0; i < kvattn::testing::scaled_cases(40); ++i) {
     const Case c = random_case(rng, static_cast<mode>(i % 3));
-    const std::uint64_t seed = 7000 + static_cast<std::uint64_t>(i);
+    const std::uint64_t seed = kvattn::testing::test_seed(7000 + static_cast<std::uint64_t>(i));
     std::vector<float> contiguous, paged;
     ASSERT_LE(run_case(c, contiguous_for(c), seed, &contiguous), 1.0) << c.describe();
     for (std::int64_t block : {1, 3, 16, 64}) {
@@ -274,7 +275,7 @@ TEST_P(PerIsa, LayoutsGiveTheSameBits) {
 
 TEST_P(PerIsa, ResultsDoNotDependOnThreads) {
   // Bitwise: the plan depends only on the data, and every sum runs in the same order.
-  std::mt19937_64 rng(41);
+  std::mt19937_64 rng(kvattn::testing::test_seed(41));
   auto check = [&](const Case& c, fpmath_mode fpmath = fpmath_mode::strict) {
     const mode m = c.m;
     const ModelConfig cfg(HeadShape(c.hq, c.hkv, c.d), LayerSharingMap::none(1), c.dtype);
