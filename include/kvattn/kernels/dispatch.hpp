@@ -99,15 +99,27 @@ TileLoader simd_path_loader(isa path) {
   }
 }
 
-/// Slot I of the table (group index I / 6, head-dim index I % 6; index 5 is `dynamic`).
-template <kv_dtype T, std::size_t... I>
-TileFn table_slot_kernel(std::size_t slot, isa path, bool bf16_dot, std::index_sequence<I...>) {
+/// The table is compiled in parts, one per head dim (every storage type, group size and path), so
+/// that a build with KVATTN_SEPARATE_KERNELS can compile them in parallel (src/kernels.cpp). By head
+/// dim because kernels of different head dims share no code; storage types and group sizes share
+/// their buffered and row-block kernels, which parts of their own would each compile again.
+inline constexpr int table_parts = 6;  // specialized_head_dims, then `dynamic`
+
+/// One part of the table: the kernel of head-dim index Part, storage type `dtype`, group index g
+/// (into specialized_groups, 5 meaning `dynamic`) for a path.
+template <int Part>
+TileFn table_part(kv_dtype dtype, isa path, bool bf16_dot, int g) {
   constexpr auto value_at = [](const std::array<int, 5>& values, std::size_t i) { return i < 5 ? values[i] : dynamic; };
-  TileFn fn = nullptr;
-  ((slot == I ? void(fn = simd_path_kernel<T, value_at(specialized_groups, I / 6), value_at(specialized_head_dims, I % 6)>(path, bf16_dot))
-              : void()),
-   ...);
-  return fn;
+  return visit_dtype(dtype, [&](auto tag) {
+    return [&]<std::size_t... G>(std::index_sequence<G...>) {
+      TileFn fn = nullptr;
+      ((std::size_t(g) == G ? void(fn = simd_path_kernel<decltype(tag)::value, value_at(specialized_groups, G),
+                                                         value_at(specialized_head_dims, Part)>(path, bf16_dot))
+                            : void()),
+       ...);
+      return fn;
+    }(std::make_index_sequence<6>{});
+  });
 }
 
 /// The SIMD kernel for a runtime shape, from the table of every specialized group and head dim
@@ -118,34 +130,31 @@ TileFn table_kernel(isa path, bool bf16_dot, int group, int head_dim) {
   int g = index_of(specialized_groups, group), d = index_of(specialized_head_dims, head_dim);
   if (g < 0) g = 5;
   if (d < 0) d = 5;
-  return table_slot_kernel<T>(static_cast<std::size_t>(g * 6 + d), path, bf16_dot, std::make_index_sequence<36>{});
+  return [&]<int... P>(std::integer_sequence<int, P...>) {
+    TileFn fn = nullptr;
+    ((d == P ? void(fn = table_part<P>(T, path, bf16_dot, g)) : void()), ...);
+    return fn;
+  }(std::make_integer_sequence<int, table_parts>{});
 }
 
 }  // namespace detail
 
-#if defined(KVATTN_DEFINE_KERNELS) && !defined(KVATTN_SEPARATE_KERNELS)
-#define KVATTN_SEPARATE_KERNELS 1
-#endif
-#if defined(KVATTN_SEPARATE_KERNELS)
-inline constexpr bool separate_kernels = true;
-#else
-inline constexpr bool separate_kernels = false;
-#endif
+/// Every part of the kernel table, as X(part index).
+#define KVATTN_KERNEL_TABLE_PARTS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+static_assert(detail::table_parts == 6, "KVATTN_KERNEL_TABLE_PARTS lists 6 parts");
 
 /// The kernel table of every path and storage type (about 250 kernels) is the bulk of kvattn's
 /// compile time: ~90-140 s per translation unit that runs attention, with GCC 12 -O3. Header-only
-/// (the default), each such translation unit compiles it (detail::table_kernel). With
-/// KVATTN_SEPARATE_KERNELS defined for the whole program, kernels come from this function, only
-/// declared here (and not called otherwise), and one translation unit compiles the table: the one
-/// that defines KVATTN_DEFINE_KERNELS before it includes any kvattn header (src/kernels.cpp; CMake:
-/// link `kvattn::kernels`).
-#if defined(KVATTN_DEFINE_KERNELS)
-#define KVATTN_KERNELS_DEFINED 1  // src/kernels.cpp checks that the definition below was compiled
-detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim) {
-  return visit_dtype(dtype, [&](auto tag) { return detail::table_kernel<decltype(tag)::value>(path, bf16_dot, group, head_dim); });
-}
+/// (the default), each such translation unit compiles it. With KVATTN_SEPARATE_KERNELS defined for
+/// the whole program, the declarations below keep them from it, and src/kernels.cpp compiles the
+/// parts (CMake: link `kvattn::kernels`, which compiles each part as its own object).
+#if defined(KVATTN_SEPARATE_KERNELS)
+inline constexpr bool separate_kernels = true;
+#define KVATTN_DECLARE_TABLE_PART(part) extern template detail::TileFn detail::table_part<part>(kv_dtype, isa, bool, int);
+KVATTN_KERNEL_TABLE_PARTS(KVATTN_DECLARE_TABLE_PART)
+#undef KVATTN_DECLARE_TABLE_PART
 #else
-detail::TileFn simd_table_kernel(isa path, kv_dtype dtype, bool bf16_dot, int group, int head_dim);
+inline constexpr bool separate_kernels = false;
 #endif
 
 /// Picks the tile kernel for an ISA path (by default the active one) and the arithmetic allowed
@@ -167,8 +176,6 @@ TileKernel select_tile_kernel(kv_dtype dtype, int group, int head_dim, isa path 
     constexpr bool compile_here = StaticGroup != dynamic && StaticDim != dynamic && !(separate_kernels && in_table);
     if constexpr (compile_here)
       return {detail::simd_path_kernel<T, StaticGroup, StaticDim>(path, bf16_dot), load};
-    else if constexpr (separate_kernels)
-      return {simd_table_kernel(path, T, bf16_dot, group, head_dim), load};
     else
       return {detail::table_kernel<T>(path, bf16_dot, group, head_dim), load};
   });
